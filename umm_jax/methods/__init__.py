@@ -1,0 +1,14 @@
+"""The registry of self-supervised methods: one small module per method, a plain dict here."""
+
+from umm_jax.methods import byol, moco, relic, simclr, simsiam
+from umm_jax.methods.base import Method
+
+_MODULES = (simclr, moco, simsiam, byol, relic)
+REGISTRY: dict[str, Method] = {m.name: m for module in _MODULES for m in module.METHODS}
+
+
+def get(name: str) -> Method:
+  """The registered method called `name`; a `ValueError` lists the valid names otherwise."""
+  if name not in REGISTRY:
+    raise ValueError(f"Unknown method {name!r}; valid methods: {sorted(REGISTRY)}")
+  return REGISTRY[name]
