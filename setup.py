@@ -3,31 +3,31 @@
 import setuptools
 
 setuptools.setup(
-    name="umm_jax",
-    version="0.1.0",
-    description=(
-        "JAX/Flax self-supervised learning methods, coding-rate reduction and UMM "
-        "(the Undoing Memorization Mechanism)."
-    ),
-    python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["umm_jax", "umm_jax.*"]),
-    package_data={"umm_jax": ["assets/*"]},
-    install_requires=[
-        "absl-py>=2.0",
-        "chex>=0.1.86",
-        "flax>=0.10.0",
-        "jax>=0.4.35",
-        "jaxlib>=0.4.35",
-        "jaxopt>=0.8.3",
-        "ml-collections>=0.1.1",
-        "numpy>=1.26",
-        "optax>=0.2.3",
-        "orbax-checkpoint>=0.6.0",
-        "tensorflow-datasets>=4.9.6",
-        # tensorflow-datasets imports it at run time without declaring it.
-        "importlib_resources>=6.0",
-    ],
-    extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
-    },
+  name="umm_jax",
+  version="0.1.0",
+  description=(
+    "JAX/Flax self-supervised learning methods, coding-rate reduction and UMM "
+    "(the Undoing Memorization Mechanism)."
+  ),
+  python_requires=">=3.10",
+  packages=setuptools.find_packages(include=["umm_jax", "umm_jax.*"]),
+  package_data={"umm_jax": ["assets/*"]},
+  install_requires=[
+    "absl-py>=2.0",
+    "chex>=0.1.86",
+    "flax>=0.10.0",
+    "jax>=0.4.35",
+    "jaxlib>=0.4.35",
+    "jaxopt>=0.8.3",
+    "ml-collections>=0.1.1",
+    "numpy>=1.26",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.6.0",
+    "tensorflow-datasets>=4.9.6",
+    # tensorflow-datasets imports it at run time without declaring it.
+    "importlib_resources>=6.0",
+  ],
+  extras_require={
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
+  },
 )

@@ -1,0 +1,68 @@
+"""Entry point: `python -m umm_jax.main --config=configs/<x>.py --workdir=<dir>`.
+
+Runs the stages named in `config.stages`, in order, in the work dir. Everything here is a thin
+layer over library functions that tests and notebooks call too (`validate`, `run`).
+"""
+
+import json
+import pathlib
+from collections.abc import Callable
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from umm_jax import crr, data, methods, monitor
+from umm_jax.models import resnet
+
+STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
+  "monitor": monitor.run_stage,
+}
+DTYPES = ("float32", "bfloat16")
+
+_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+
+
+def _check(name: str, value, valid) -> None:
+  if value not in valid:
+    raise ValueError(f"Unknown {name} {value!r}; valid {name}s: {sorted(valid)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the bad value and the valid ones, before any stage starts."""
+  if not config.stages:
+    raise ValueError(f"config.stages is empty; choose from {sorted(STAGES)}")
+  for stage in config.stages:
+    _check("stage", stage, STAGES)
+  data.check_source(config.data.name)
+  methods.get(config.method.name)
+  model = resnet.create(config.model.name, stem=config.model.stem, width=config.model.width)
+  _check("dtype", config.model.dtype, DTYPES)
+  resnet.split(model, config.umm.split)
+  for layer in config.monitor.layers:
+    _check("monitor layer", layer, resnet.STAGES)
+  _check("membership", config.monitor.membership, crr.MEMBERSHIPS)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+  """Validates `config`, records it in `workdir`, then runs its stages in order."""
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  for stage in config.stages:
+    logging.info("stage %s", stage)
+    STAGES[stage](config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
