@@ -1,9 +1,9 @@
 """The registry of self-supervised methods: one small module per method, a plain dict here."""
 
-from umm_jax.methods import byol, moco, relic, simclr, simsiam
+from umm_jax.methods import barlow_twins, byol, moco, relic, simclr, simsiam, swav, vicreg, wmse
 from umm_jax.methods.base import Method
 
-_MODULES = (simclr, moco, simsiam, byol, relic)
+_MODULES = (simclr, moco, simsiam, byol, relic, barlow_twins, vicreg, wmse, swav)
 REGISTRY: dict[str, Method] = {m.name: m for module in _MODULES for m in module.METHODS}
 
 

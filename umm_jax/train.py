@@ -1,0 +1,159 @@
+"""The self-supervised training state and step shared by every method.
+
+One step: augment two views on device → backbone on both views at once → the method's heads →
+the target network (EMA) when the method has one → the method's objective → optax update →
+EMA update of the target. The step is a pure function `(state, images, key) -> (state, metrics)`
+built by `make_train_step` and jitted by the caller (with the state donated).
+"""
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from umm_jax import augment
+from umm_jax.methods.base import Method
+
+Variables = dict[str, Any]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes, as one pytree.
+
+  Attributes:
+    step: number of optimiser steps taken (int32 scalar).
+    online: `{'backbone': variables, 'heads': variables}`, flax variable dicts with
+      `params` and, where the module has BatchNorm, `batch_stats`.
+    target: the EMA target network's variables in the same layout, or `None`.
+    method_state: the method's own state (queues), `{}` when it has none.
+    opt_state: the optax state of `online[...]['params']`.
+  """
+
+  step: jax.Array
+  online: Variables
+  target: Variables | None
+  method_state: dict
+  opt_state: optax.OptState
+
+
+def _params(variables: Variables) -> dict:
+  return {part: v["params"] for part, v in variables.items()}
+
+
+def _with_params(variables: Variables, params: dict) -> Variables:
+  return {part: {**v, "params": params[part]} for part, v in variables.items()}
+
+
+def init_state(
+  key: jax.Array,
+  *,
+  model: nn.Module,
+  heads: nn.Module,
+  method: Method,
+  hp: Mapping[str, Any],
+  tx: optax.GradientTransformation,
+  input_shape: tuple[int, int, int],
+) -> TrainState:
+  """Initial state for inputs of `input_shape` `(H, W, C)`; the target starts as a copy."""
+  k_model, k_heads, k_state = jax.random.split(key, 3)
+  x = jnp.zeros((2, *input_shape), jnp.float32)
+  backbone = model.init(k_model, x, train=False)
+  features = model.apply(backbone, x, train=False)
+  online = {"backbone": backbone, "heads": heads.init(k_heads, features, train=False)}
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    online=online,
+    # A copy, not an alias: the step donates the state, and a buffer cannot be donated twice.
+    target=jax.tree.map(jnp.copy, online) if method.target_momentum is not None else None,
+    method_state=method.init_state(hp, k_state),
+    opt_state=tx.init(_params(online)),
+  )
+
+
+def target_momentum(step: jax.Array, total_steps: int, base: float, final: float) -> jax.Array:
+  """BYOL's cosine schedule of the EMA momentum, from `base` at step 0 to `final` at the end."""
+  progress = jnp.minimum(step / max(total_steps, 1), 1.0)
+  return final - (final - base) * (jnp.cos(math.pi * progress) + 1) / 2
+
+
+def _forward(model, heads, variables, x, method, train):
+  """Backbone and heads on each view of `x` `[2, n, H, W, C]`; outputs stacked to `[2, n, ...]`.
+
+  The views pass one after the other, so BatchNorm normalises each view by its own batch
+  statistics (and updates the running statistics twice) as in solo-learn and the BYOL, SimSiam
+  and MoCo code; concatenating the views would mix their statistics.
+  """
+  per_view = []
+  for view in x:
+    out, variables = _apply(model, variables, "backbone", view, train)
+    head_out, variables = _apply(heads, variables, "heads", out, train)
+    keep = {"embedding": out["embedding"], **{k: out[k] for k in method.features}, **head_out}
+    per_view.append(keep)
+  return jax.tree.map(lambda *v: jnp.stack(v), *per_view), variables
+
+
+def _apply(module, variables, part, x, train):
+  """`module.apply` on `variables[part]`: the outputs, and `variables` with new statistics."""
+  if train and "batch_stats" in variables[part]:
+    out, updates = module.apply(variables[part], x, train=True, mutable=["batch_stats"])
+    return out, {**variables, part: {**variables[part], **updates}}
+  return module.apply(variables[part], x, train=train), variables
+
+
+def make_train_step(
+  *,
+  model: nn.Module,
+  heads: nn.Module,
+  method: Method,
+  hp: Mapping[str, Any],
+  tx: optax.GradientTransformation,
+  image_size: int,
+  mean: jax.Array,
+  std: jax.Array,
+  total_steps: int,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+  """The pure step `(state, images [n, H, W, C] uint8, key) -> (state, metrics)`.
+
+  `mean`/`std` `[C]` standardise the augmented views (values in [0, 1]) before the backbone.
+  """
+  hp = dict(hp)
+  recipe = method.recipe
+
+  def loss_fn(params, state, views, geometry):
+    online, online_vars = _forward(
+      model, heads, _with_params(state.online, params), views, method, train=True
+    )
+    target, target_vars = None, None
+    if state.target is not None:
+      target, target_vars = _forward(model, heads, state.target, views, method, train=True)
+      target = jax.lax.stop_gradient(target)
+    online = {**online, **geometry}
+    loss, metrics, method_state = method.objective(online, target, state.method_state, hp)
+    return loss, (metrics, method_state, online_vars, target_vars)
+
+  def step(state: TrainState, images: jax.Array, key: jax.Array):
+    key = jax.random.fold_in(key, state.step)
+    views = augment.two_views(key, images, recipe=recipe, size=image_size)
+    x = (views["image"] - mean) / std
+    geometry = {"box": views["box"], "flip": views["flip"]}
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params = _params(state.online)
+    (loss, (metrics, method_state, online, target)), grads = grad_fn(params, state, x, geometry)
+    param_updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, param_updates)
+    online = _with_params(online, params)
+    if target is not None:
+      m = target_momentum(state.step, total_steps, *method.target_momentum)
+      ema = functools.partial(optax.incremental_update, step_size=1 - m)
+      target = _with_params(target, ema(params, _params(target)))
+      metrics = {**metrics, "target_momentum": m}
+    new_state = TrainState(state.step + 1, online, target, method_state, opt_state)
+    return new_state, {**metrics, "loss": loss}
+
+  return step
