@@ -23,6 +23,8 @@ setuptools.setup(
     "numpy>=1.26",
     "optax>=0.2.3",
     "orbax-checkpoint>=0.6.0",
+    # tensorflow-datasets decodes images with it; so do the image-folder sources.
+    "pillow>=10.0",
     "tensorflow-datasets>=4.9.6",
     # tensorflow-datasets imports it at run time without declaring it.
     "importlib_resources>=6.0",
