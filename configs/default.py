@@ -6,20 +6,25 @@ override values; `umm_jax.main` locks the result, so a mistyped `--config.x=...`
 
 import ml_collections
 
-from umm_jax import methods
+from umm_jax import methods, optim
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # root of every random key: the run is a deterministic function of it
   # Stages run in order by `python -m umm_jax.main` (valid names: umm_jax.main.STAGES).
-  c.stages = ("monitor",)
+  c.stages = ("pretrain", "monitor")
 
   # Data: source name (umm_jax.data.SOURCES), model input size, IDX directory for the full set.
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist_embedded"
   c.data.image_size = 32
-  c.data.data_dir = ""
+  c.data.data_dir = ""  # tfds data_dir / IDX or image-folder root ("" = tfds default)
+  c.data.decode_size = 0  # side images are decoded to on the host for lazy sources (0: image_size)
+  c.data.workers = 16  # host threads decoding images of lazy sources
+  # Long-tail subset of the train split (Cao et al. 2019): 0 = off, else the imbalance ratio.
+  c.data.long_tail_ratio = 0.0
+  c.data.long_tail_seed = 0
   # Synthetic source: class-structured random images (tests, quick runs).
   c.data.synthetic = ml_collections.ConfigDict(
     dict(num_examples=256, image_size=32, channels=3, num_classes=10, seed=0)
@@ -36,6 +41,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.name = "simclr"
   for name, method in methods.REGISTRY.items():
     c.method[name] = ml_collections.ConfigDict(dict(method.defaults))
+
+  # Pre-training loop (umm_jax.pretrain): global batch over all devices and processes; logs every
+  # `log_every_steps`; test accuracy of the online linear probe and checkpoints every N epochs.
+  c.train = ml_collections.ConfigDict(
+    dict(
+      epochs=100,
+      batch_size=256,
+      log_every_steps=50,
+      eval_every_epochs=1,
+      eval_batch_size=512,
+      checkpoint_every_epochs=5,  # the monitor reads every checkpoint (the paper: every 5)
+      max_to_keep=0,  # 0 keeps every checkpoint
+      probe_lr=0.1,  # online linear probe: SGD momentum 0.9 on the stop-gradient embedding
+    )
+  )
+  # Optimiser and learning-rate schedule (umm_jax.optim.DEFAULTS documents each key).
+  c.optim = ml_collections.ConfigDict(dict(optim.DEFAULTS))
 
   # Layer-wise monitor: label-free ΔR (umm_jax.crr) of the pooled features of each layer on two
   # augmented views of `num_images` training images, in chunks of `chunk_size` views.

@@ -1,7 +1,8 @@
 """Seconds-long run on synthetic data, used by the end-to-end tests.
 
 Run: python -m umm_jax.main --config=configs/test.py --workdir=/tmp/umm_test
-Expect: a `monitor.json` in the work dir with a finite ΔR for each of the four layers.
+Expect: two epochs of SimCLR pre-training on 64 synthetic images (checkpoints at steps 4 and 8,
+`metrics.jsonl`), then a `monitor.json` with a finite ΔR for each of the four layers.
 """
 
 from configs import default
@@ -15,6 +16,14 @@ def get_config():
   c.data.synthetic.image_size = 16
   c.model.name = "resnet10"
   c.model.width = 8
+  c.method.simclr.proj_hidden_dim = 32
+  c.method.simclr.proj_output_dim = 16
+  c.train.epochs = 2
+  c.train.batch_size = 16
+  c.train.log_every_steps = 2
+  c.train.eval_batch_size = 32
+  c.train.checkpoint_every_epochs = 1
+  c.optim.warmup_epochs = 1
   c.monitor.num_images = 64
   c.monitor.chunk_size = 32
   c.monitor.batch_size = 64

@@ -18,6 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_test_config_runs_end_to_end(tmp_path):
   main.run(test_config.get_config(), tmp_path)
+  assert (tmp_path / "metrics.jsonl").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
   result = json.loads((tmp_path / "monitor.json").read_text())
   assert set(result["layers"]) == {"layer1", "layer2", "layer3", "layer4"}
   for r in result["layers"].values():
@@ -51,7 +53,10 @@ def test_command_line_rejects_a_mistyped_key(tmp_path):
 @pytest.mark.parametrize(
   "field,value,match",
   [
-    ("stages", ("monitor", "pretrian"), "Unknown stage 'pretrian'; valid stages: \\['monitor'\\]"),
+    ("stages", ("pretrian",), "Unknown stage 'pretrian'; valid stages: .*'pretrain'"),
+    ("optim.name", "lamb", "valid optimizers: \\['adam', 'adamw', 'lars', 'sgd'\\]"),
+    ("optim.schedule", "step", "valid schedules: .*'warmup_cosine'"),
+    ("train.batch_size", 0, "train.batch_size must be a positive integer, got 0"),
     ("method.name", "simclrr", "valid methods: .*'simclr'"),
     ("data.name", "cifar11", "valid datasets: .*'synthetic'"),
     ("model.name", "resnet19", "resnet18"),

@@ -39,6 +39,8 @@ def _setup(name: str):
     hp=hp,
     tx=tx,
     input_shape=(SIZE, SIZE, 3),
+    num_classes=4,
+    probe_tx=optax.sgd(0.1),
   )
   step = train.make_train_step(
     model=model,
@@ -46,22 +48,24 @@ def _setup(name: str):
     method=method,
     hp=hp,
     tx=tx,
+    probe_tx=optax.sgd(0.1),
+    num_classes=4,
     image_size=SIZE,
     mean=jnp.asarray(mean),
     std=jnp.asarray(std),
     total_steps=10,
   )
-  return method, state, step, jnp.asarray(ds.images)
+  return method, state, step, {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels)}
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
 def test_one_step_of_every_method(name):
-  method, state, step, images = _setup(name)
-  new_state, metrics = jax.jit(step)(state, images, jax.random.key(1))
+  method, state, step, batch = _setup(name)
+  new_state, metrics = jax.jit(step)(state, batch, jax.random.key(1))
   assert int(new_state.step) == 1
   for key, value in metrics.items():
     assert np.all(np.isfinite(np.asarray(value))), (name, key, value)
-  for key in ("loss", "z_std", "z_offdiag_corr"):
+  for key in ("loss", "z_std", "z_offdiag_corr", "probe_loss", "probe_acc"):
     assert key in metrics, (name, sorted(metrics))
   old = state.online["backbone"]["params"]
   new = new_state.online["backbone"]["params"]
@@ -90,11 +94,11 @@ def test_one_step_of_every_method(name):
 
 
 def test_step_is_a_function_of_state_images_and_key():
-  _, state, step, images = _setup("simclr")
+  _, state, step, batch = _setup("simclr")
   step = jax.jit(step)
-  a, _ = step(state, images, jax.random.key(1))
-  b, _ = step(state, images, jax.random.key(1))
-  c, _ = step(state, images, jax.random.key(2))
+  a, _ = step(state, batch, jax.random.key(1))
+  b, _ = step(state, batch, jax.random.key(1))
+  c, _ = step(state, batch, jax.random.key(2))
   leaves = lambda s: jax.tree.leaves(s.online["backbone"]["params"])
   assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
   assert not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(c), strict=True))
@@ -102,12 +106,37 @@ def test_step_is_a_function_of_state_images_and_key():
 
 def test_sgd_step_moves_parameters_along_the_negative_gradient():
   # With plain SGD the update is −lr·∇L; a finite-difference probe along it must lower L.
-  _, state, step, images = _setup("barlow_twins")
+  _, state, step, batch = _setup("barlow_twins")
   step = jax.jit(step)
-  new_state, metrics = step(state, images, jax.random.key(1))
+  new_state, metrics = step(state, batch, jax.random.key(1))
   # Same key and step index, so the same views: the loss at the new parameters is lower.
-  _, metrics_after = step(new_state.replace(step=state.step), images, jax.random.key(1))
+  _, metrics_after = step(new_state.replace(step=state.step), batch, jax.random.key(1))
   assert float(metrics_after["loss"]) < float(metrics["loss"])
+  assert float(metrics_after["probe_loss"]) < float(metrics["probe_loss"])
+
+
+def test_probe_sees_a_stop_gradient_embedding():
+  # Labels feed only the probe: other labels change the probe but not the backbone or heads.
+  _, state, step, batch = _setup("simclr")
+  step = jax.jit(step)
+  a, _ = step(state, batch, jax.random.key(1))
+  b, _ = step(state, {**batch, "label": (batch["label"] + 1) % 4}, jax.random.key(1))
+  same = jax.tree.map(np.array_equal, a.online, b.online)
+  assert all(jax.tree.leaves(same))
+  assert not np.array_equal(
+    a.probe["params"]["Dense_0"]["kernel"], b.probe["params"]["Dense_0"]["kernel"]
+  )
+
+
+def test_probe_loss_ignores_unlabelled_examples():
+  # Label -1 marks unlabelled images (STL-10's unlabelled split): they add nothing to the loss.
+  probe = {"params": {"Dense_0": {"kernel": jnp.eye(3), "bias": jnp.zeros(3)}}}
+  emb = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, -5.0, 9.0]])
+  loss, metrics = train.probe_loss(probe, emb, jnp.array([0, 2, -1]), 3)
+  logits = np.asarray(emb[:2], np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(float(loss), -(log_p[0, 0] + log_p[1, 2]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["probe_acc"]), 0.5)
 
 
 def test_target_momentum_schedule_endpoints():
@@ -119,6 +148,6 @@ def test_target_momentum_schedule_endpoints():
 
 def test_state_with_a_target_network_can_be_donated():
   # The target starts as a copy of the online network: aliased buffers cannot be donated twice.
-  _, state, step, images = _setup("byol")
-  _, metrics = jax.jit(step, donate_argnums=0)(state, images, jax.random.key(1))
+  _, state, step, batch = _setup("byol")
+  _, metrics = jax.jit(step, donate_argnums=0)(state, batch, jax.random.key(1))
   assert np.isfinite(float(metrics["loss"]))

@@ -12,13 +12,22 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umm_jax import crr, data, methods, monitor
+from umm_jax import crr, data, methods, monitor, optim, pretrain
 from umm_jax.models import resnet
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
+  "pretrain": pretrain.run_stage,
   "monitor": monitor.run_stage,
 }
 DTYPES = ("float32", "bfloat16")
+_POSITIVE_TRAIN_KEYS = (
+  "epochs",
+  "batch_size",
+  "log_every_steps",
+  "eval_every_epochs",
+  "eval_batch_size",
+  "checkpoint_every_epochs",
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
@@ -43,6 +52,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for layer in config.monitor.layers:
     _check("monitor layer", layer, resnet.STAGES)
   _check("membership", config.monitor.membership, crr.MEMBERSHIPS)
+  if config.optim.name:
+    _check("optimizer", config.optim.name, optim.OPTIMIZERS)
+  _check("schedule", config.optim.schedule, optim.SCHEDULES)
+  for key in _POSITIVE_TRAIN_KEYS:
+    if config.train[key] < 1:
+      raise ValueError(f"config.train.{key} must be a positive integer, got {config.train[key]}")
+  if config.train.max_to_keep < 0:
+    raise ValueError(
+      f"config.train.max_to_keep must be >= 0 (0 keeps all), got {config.train.max_to_keep}"
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:

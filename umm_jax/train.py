@@ -1,9 +1,11 @@
 """The self-supervised training state and step shared by every method.
 
-One step: augment two views on device → backbone on both views at once → the method's heads →
-the target network (EMA) when the method has one → the method's objective → optax update →
-EMA update of the target. The step is a pure function `(state, images, key) -> (state, metrics)`
-built by `make_train_step` and jitted by the caller (with the state donated).
+One step: augment two views on device → backbone on each view → the method's heads → the target
+network (EMA) when the method has one → the method's objective → optax update → EMA update of
+the target, plus the online linear probe: a classifier trained on the stop-gradient backbone
+embedding, so the run reports linear accuracy as it goes (as solo-learn does). The step is a
+pure function `(state, batch, key) -> (state, metrics)` built by `make_train_step` and jitted
+by the caller (with the state donated). The loop that drives it is `umm_jax.pretrain`.
 """
 
 import functools
@@ -19,6 +21,7 @@ import optax
 
 from umm_jax import augment
 from umm_jax.methods.base import Method
+from umm_jax.models.heads import LinearClassifier
 
 Variables = dict[str, Any]
 
@@ -33,6 +36,8 @@ class TrainState(flax.struct.PyTreeNode):
     target: the EMA target network's variables in the same layout, or `None`.
     method_state: the method's own state (queues), `{}` when it has none.
     opt_state: the optax state of `online[...]['params']`.
+    probe: the online linear classifier's variables (`params` only).
+    probe_opt_state: the optax state of `probe['params']`.
   """
 
   step: jax.Array
@@ -40,6 +45,8 @@ class TrainState(flax.struct.PyTreeNode):
   target: Variables | None
   method_state: dict
   opt_state: optax.OptState
+  probe: Variables
+  probe_opt_state: optax.OptState
 
 
 def _params(variables: Variables) -> dict:
@@ -59,13 +66,16 @@ def init_state(
   hp: Mapping[str, Any],
   tx: optax.GradientTransformation,
   input_shape: tuple[int, int, int],
+  num_classes: int,
+  probe_tx: optax.GradientTransformation,
 ) -> TrainState:
   """Initial state for inputs of `input_shape` `(H, W, C)`; the target starts as a copy."""
-  k_model, k_heads, k_state = jax.random.split(key, 3)
+  k_model, k_heads, k_state, k_probe = jax.random.split(key, 4)
   x = jnp.zeros((2, *input_shape), jnp.float32)
   backbone = model.init(k_model, x, train=False)
   features = model.apply(backbone, x, train=False)
   online = {"backbone": backbone, "heads": heads.init(k_heads, features, train=False)}
+  probe = LinearClassifier(num_classes).init(k_probe, features["embedding"])
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     online=online,
@@ -73,6 +83,8 @@ def init_state(
     target=jax.tree.map(jnp.copy, online) if method.target_momentum is not None else None,
     method_state=method.init_state(hp, k_state),
     opt_state=tx.init(_params(online)),
+    probe=probe,
+    probe_opt_state=probe_tx.init(probe["params"]),
   )
 
 
@@ -106,6 +118,22 @@ def _apply(module, variables, part, x, train):
   return module.apply(variables[part], x, train=train), variables
 
 
+def probe_loss(
+  probe: Variables, embedding: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, dict]:
+  """Cross-entropy and top-1 accuracy of the linear probe on `embedding` `[..., D]`.
+
+  Examples labelled `-1` (unlabelled data such as STL-10's `unlabelled` split) are left out.
+  """
+  logits = LinearClassifier(num_classes).apply(probe, jax.lax.stop_gradient(embedding))
+  known = labels >= 0
+  count = jnp.maximum(known.sum(), 1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  loss = jnp.sum(jnp.where(known, ce, 0.0)) / count
+  acc = jnp.sum(jnp.where(known, jnp.argmax(logits, -1) == labels, False)) / count
+  return loss, {"probe_loss": loss, "probe_acc": acc}
+
+
 def make_train_step(
   *,
   model: nn.Module,
@@ -113,14 +141,19 @@ def make_train_step(
   method: Method,
   hp: Mapping[str, Any],
   tx: optax.GradientTransformation,
+  probe_tx: optax.GradientTransformation,
+  num_classes: int,
   image_size: int,
   mean: jax.Array,
   std: jax.Array,
   total_steps: int,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """The pure step `(state, images [n, H, W, C] uint8, key) -> (state, metrics)`.
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """The pure step `(state, batch, key) -> (state, metrics)`.
 
-  `mean`/`std` `[C]` standardise the augmented views (values in [0, 1]) before the backbone.
+  `batch` holds `image` `[n, H, W, C]` uint8 and `label` `[n]` int32 (`-1`: unlabelled, used by
+  the probe only). `mean`/`std` `[C]` standardise the augmented views (values in [0, 1]) before
+  the backbone. `key` is the run's root key: the step folds in its own step number, so a resumed
+  run draws the same views as an uninterrupted one.
   """
   hp = dict(hp)
   recipe = method.recipe
@@ -133,18 +166,20 @@ def make_train_step(
     if state.target is not None:
       target, target_vars = _forward(model, heads, state.target, views, method, train=True)
       target = jax.lax.stop_gradient(target)
-    online = {**online, **geometry}
-    loss, metrics, method_state = method.objective(online, target, state.method_state, hp)
-    return loss, (metrics, method_state, online_vars, target_vars)
+    loss, metrics, method_state = method.objective(
+      {**online, **geometry}, target, state.method_state, hp
+    )
+    return loss, (metrics, method_state, online_vars, target_vars, online["embedding"])
 
-  def step(state: TrainState, images: jax.Array, key: jax.Array):
+  def step(state: TrainState, batch: dict, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
-    views = augment.two_views(key, images, recipe=recipe, size=image_size)
+    views = augment.two_views(key, batch["image"], recipe=recipe, size=image_size)
     x = (views["image"] - mean) / std
     geometry = {"box": views["box"], "flip": views["flip"]}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params = _params(state.online)
-    (loss, (metrics, method_state, online, target)), grads = grad_fn(params, state, x, geometry)
+    (loss, aux), grads = grad_fn(params, state, x, geometry)
+    metrics, method_state, online, target, embedding = aux
     param_updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, param_updates)
     online = _with_params(online, params)
@@ -153,7 +188,17 @@ def make_train_step(
       ema = functools.partial(optax.incremental_update, step_size=1 - m)
       target = _with_params(target, ema(params, _params(target)))
       metrics = {**metrics, "target_momentum": m}
-    new_state = TrainState(state.step + 1, online, target, method_state, opt_state)
-    return new_state, {**metrics, "loss": loss}
+    # Both views train the probe, each with the image's label.
+    labels = jnp.broadcast_to(batch["label"], embedding.shape[:2])
+    probe_grad_fn = jax.value_and_grad(probe_loss, has_aux=True)
+    (_, probe_metrics), probe_grads = probe_grad_fn(state.probe, embedding, labels, num_classes)
+    probe_updates, probe_opt_state = probe_tx.update(
+      probe_grads["params"], state.probe_opt_state, state.probe["params"]
+    )
+    probe = {"params": optax.apply_updates(state.probe["params"], probe_updates)}
+    new_state = TrainState(
+      state.step + 1, online, target, method_state, opt_state, probe, probe_opt_state
+    )
+    return new_state, {**metrics, **probe_metrics, "loss": loss}
 
   return step

@@ -1,0 +1,295 @@
+"""The `pretrain` stage: self-supervised pre-training over a device mesh, resumable.
+
+Reads top to bottom: `build` turns the config into the pieces of a run (model, heads, method,
+optimisers, the jitted step); `pretrain` loads the data, restores the newest checkpoint of the
+work dir if there is one, and loops over epochs. Each process reads its own slice of every
+global batch (`data.batches`), which `parallel.global_batch` assembles into one batch-sharded
+array; the state is replicated and donated to the step.
+
+Written to the work dir: `checkpoints/<step>` every `train.checkpoint_every_epochs` epochs and
+at the end (all kept unless `train.max_to_keep`), `metrics.jsonl` (one JSON object per log
+interval and per evaluation). Resume order: the newest checkpoint gives the step; the epoch and
+the position inside it follow from it; the data order is a function of `(seed, epoch)` and the
+step's key of `(seed, step)`, so a resumed run reproduces the uninterrupted one. SIGINT and
+SIGTERM (pre-emption) save a checkpoint at the current step before the run stops.
+"""
+
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from umm_jax import checkpoint, data, methods, optim, parallel, train
+from umm_jax.models import heads as heads_lib
+from umm_jax.models import resnet
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Run(NamedTuple):
+  """Everything a pre-training run (or a reader of its checkpoints) needs besides the data."""
+
+  model: resnet.ResNet
+  heads: Any
+  method: Any
+  hp: dict
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  probe_tx: optax.GradientTransformation
+  steps_per_epoch: int
+  total_steps: int
+  input_shape: tuple[int, int, int]
+  num_classes: int
+
+
+def create_model(config: ml_collections.ConfigDict) -> resnet.ResNet:
+  return resnet.create(
+    config.model.name,
+    stem=config.model.stem,
+    width=config.model.width,
+    dtype=jnp.dtype(config.model.dtype),
+  )
+
+
+def build(config: ml_collections.ConfigDict, train_set: data.Dataset) -> Run:
+  """The pieces of a run on `train_set` as `config` describes it."""
+  method = methods.get(config.method.name)
+  hp = dict(config.method[config.method.name])
+  steps_per_epoch = data.steps_per_epoch(len(train_set.labels), config.train.batch_size)
+  total_steps = steps_per_epoch * config.train.epochs
+  tx, schedule = optim.create(
+    config.optim,
+    family=method.optimizer,
+    global_batch=config.train.batch_size,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+  )
+  size = config.data.image_size
+  return Run(
+    model=create_model(config),
+    heads=method.heads(hp),
+    method=method,
+    hp=hp,
+    tx=tx,
+    schedule=schedule,
+    probe_tx=optax.sgd(config.train.probe_lr, momentum=0.9),
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    input_shape=(size, size, train_set.images.shape[-1]),
+    num_classes=train_set.num_classes,
+  )
+
+
+def init_state(run: Run, key: jax.Array) -> train.TrainState:
+  return train.init_state(
+    key,
+    model=run.model,
+    heads=run.heads,
+    method=run.method,
+    hp=run.hp,
+    tx=run.tx,
+    input_shape=run.input_shape,
+    num_classes=run.num_classes,
+    probe_tx=run.probe_tx,
+  )
+
+
+def make_probe_eval(run: Run, mean: np.ndarray, std: np.ndarray):
+  """Jitted `(state, images uint8 [n, H, W, C]) -> logits [n, classes]` of the online probe.
+
+  Images are resized to the model's input size (no augmentation) and standardised.
+  """
+  size = run.input_shape[0]
+
+  @jax.jit
+  def logits(state: train.TrainState, images: jax.Array) -> jax.Array:
+    x = images.astype(jnp.float32) / 255.0
+    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
+    out = run.model.apply(state.online["backbone"], (x - mean) / std, train=False)
+    return heads_lib.LinearClassifier(run.num_classes).apply(state.probe, out["embedding"])
+
+  return logits
+
+
+def probe_accuracy(logits_fn, state, dataset: data.Dataset, *, batch_size: int, mesh) -> dict:
+  """Top-1 and top-5 test accuracy of the online probe over the whole of `dataset`."""
+  correct1 = correct5 = 0
+  n = len(dataset.labels)
+  per_device = -(-batch_size // mesh.devices.size)
+  batch_size = per_device * mesh.devices.size
+  for start in range(0, n, batch_size):
+    images = dataset.images[start : start + batch_size]
+    labels = dataset.labels[start : start + batch_size]
+    pad = batch_size - len(images)  # a fixed shape: one compilation for the last batch too
+    padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    scores = np.asarray(logits_fn(state, jax.device_put(padded, parallel.batch_sharding(mesh))))
+    top5 = np.argsort(-scores[: len(labels)], axis=-1)[:, :5]
+    correct1 += int(np.sum(top5[:, 0] == labels))
+    correct5 += int(np.sum(np.any(top5 == labels[:, None], axis=-1)))
+  return {"probe_top1": correct1 / n, "probe_top5": correct5 / n}
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then saves and stops)."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __enter__(self):
+    self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in self._previous:
+      signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc_info):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+class _MetricsLog:
+  """`metrics.jsonl` written by process 0; on resume, records past the restored step are cut."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+    if self.enabled and path.exists():
+      kept = [
+        line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
+      ]
+      path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  host = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> train.TrainState:
+  """Pre-trains (or resumes) the encoder of `config` in `workdir`; returns the final state."""
+  workdir = pathlib.Path(workdir)
+  cfg = config.train
+  mesh = parallel.make_mesh()
+  parallel.check_global_batch(cfg.batch_size, mesh)
+  train_set = data.load(config.data, "train")
+  test_set = data.load(config.data, "test")
+  run = build(config, train_set)
+  mean, std = train_set.channel_stats()
+
+  root = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(root)
+  state = parallel.replicate(init_state(run, init_key), mesh)
+  max_to_keep = cfg.max_to_keep or None
+  ckpt = checkpoint.Checkpointer(workdir / CHECKPOINT_DIR, max_to_keep=max_to_keep)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state)
+    logging.info("resuming from step %d (%s)", start, ckpt.directory)
+  log = _MetricsLog(workdir / METRICS_FILE, resume_step=start)
+
+  step_fn = train.make_train_step(
+    model=run.model,
+    heads=run.heads,
+    method=run.method,
+    hp=run.hp,
+    tx=run.tx,
+    probe_tx=run.probe_tx,
+    num_classes=run.num_classes,
+    image_size=config.data.image_size,
+    mean=jnp.asarray(mean),
+    std=jnp.asarray(std),
+    total_steps=run.total_steps,
+  )
+  step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  probe_logits = make_probe_eval(run, mean, std)
+
+  def save(step: int, epoch: float, metrics: dict) -> None:
+    ckpt.save(step, state, metadata={"step": step, "epoch": epoch, **metrics})
+
+  history, tic, step = [], time.perf_counter(), start
+  with _StopRequest() as stop:
+    for epoch in range(start // run.steps_per_epoch, cfg.epochs):
+      batches = data.batches(
+        train_set,
+        global_batch=cfg.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=step % run.steps_per_epoch,
+      )
+      for images, labels in batches:
+        batch = {
+          "image": parallel.global_batch(images, mesh),
+          "label": parallel.global_batch(labels, mesh),
+        }
+        state, metrics = step_fn(state, batch, step_key)
+        history.append(metrics)
+        step += 1
+        if step % cfg.log_every_steps == 0 or step == run.total_steps:
+          record = _mean_metrics(history)
+          _check_finite(record, step, ckpt.latest_step())
+          seconds = time.perf_counter() - tic
+          record.update(
+            step=step,
+            epoch=step / run.steps_per_epoch,
+            lr=float(run.schedule(step - 1)),
+            images_per_second=len(history) * cfg.batch_size / seconds,
+          )
+          log.write({"split": "train", **record})
+          eta = (run.total_steps - step) * seconds / len(history)
+          logging.info(
+            "step %d/%d epoch %.2f loss %.4f probe_acc %.3f lr %.3g %.0f img/s eta %.0fs",
+            *(step, run.total_steps, record["epoch"], record["loss"], record["probe_acc"]),
+            *(record["lr"], record["images_per_second"], eta),
+          )
+          history, tic = [], time.perf_counter()
+        if stop.signal:
+          save(step, step / run.steps_per_epoch, {"interrupted_by": stop.signal})
+          logging.warning("%s: saved step %d; rerun the same command to resume", stop.signal, step)
+          raise KeyboardInterrupt(f"stopped by {stop.signal} at step {step} (saved)")
+      done = epoch + 1
+      evaluation = {}
+      if done % cfg.eval_every_epochs == 0 or done == cfg.epochs:
+        evaluation = probe_accuracy(
+          probe_logits, state, test_set, batch_size=cfg.eval_batch_size, mesh=mesh
+        )
+        log.write({"split": "test", "step": step, "epoch": done, **evaluation})
+        logging.info("epoch %d test probe top-1 %.4f", done, evaluation["probe_top1"])
+      if done % cfg.checkpoint_every_epochs == 0 or done == cfg.epochs:
+        save(step, done, evaluation)
+  ckpt.close()
+  return state
+
+
+def _check_finite(record: dict, step: int, last_saved: int | None) -> None:
+  """The NaN guard: stop at the first non-finite metric rather than save a broken state."""
+  bad = sorted(k for k, v in record.items() if not math.isfinite(v))
+  if bad:
+    raise FloatingPointError(
+      f"non-finite {bad} at step {step}; the last checkpoint is step {last_saved}: lower the "
+      "learning rate or check the data, then rerun to resume from it"
+    )
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The `pretrain` stage of `umm_jax.main`."""
+  pretrain(config, workdir)
