@@ -26,6 +26,9 @@ def _small(hp: dict) -> dict:
 def _setup(name: str):
   method = methods.get(name)
   hp = _small(dict(method.defaults))
+  if name == "wmse":
+    # W-MSE whitens sub-batches (here the whole batch of 8) and needs more rows than dimensions.
+    hp["proj_output_dim"] = 4
   model = resnet.create("resnet10", stem="cifar", width=8)
   heads = method.heads(hp)
   tx = optax.sgd(LR)

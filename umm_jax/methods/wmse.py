@@ -11,7 +11,12 @@ factor of its covariance, shrunk towards the identity by `w_eps`), and the loss 
 One difference: the official code draws a random permutation to form the sub-batches, and
 repeats the draw `w_iter` times. Batches here are already shuffled, so sub-batches are
 contiguous slices (`w_iter = 1`), and the objective needs no random key. A batch smaller than
-`w_size` is whitened whole.
+`w_size` is whitened whole (the official code requires `w_size` to divide the batch).
+
+Sub-batches no larger than the embedding (`w ≤ d`) have a singular covariance: the official
+Cholesky fails there, and so does this code (a `ValueError`) unless the shrinkage `w_eps > 0`
+makes the covariance positive definite, as it does in the official `Whitening2d`. The default
+`w_eps = 0` is the official one (`cfg.py`, solo-learn's `whitening_eps`).
 """
 
 from collections.abc import Mapping
@@ -37,7 +42,9 @@ def whiten(x: jax.Array, *, eps: float = 0.0) -> jax.Array:
   """Whitened `x` `[w, d]`: `(x − mean) L⁻ᵀ` where `L Lᵀ = (1 − eps) Σ + eps I`.
 
   `Σ` is the `(w − 1)`-normalised covariance, so the output's covariance is the identity when
-  `eps = 0`. Needs `w > d` (a non-singular covariance) unless `eps > 0`.
+  `eps = 0`. Needs `w > d` (a non-singular covariance) unless `eps > 0`; with `w ≤ d` and
+  `eps > 0` the output's covariance is the identity only on the span of the centred rows (rank
+  at most `w − 1`), where its eigenvalues are `λ / ((1 − eps) λ + eps)`, and zero elsewhere.
   """
   if x.ndim != 2:
     raise ValueError(f"whiten expects [w, d] embeddings, got shape {x.shape}")
@@ -50,16 +57,18 @@ def whiten(x: jax.Array, *, eps: float = 0.0) -> jax.Array:
   return solve_triangular(chol, xc.T, lower=True).T
 
 
-def _sub_batches(x: jax.Array, w_size: int) -> jax.Array:
+def _sub_batches(x: jax.Array, w_size: int, eps: float) -> jax.Array:
   """`[n, d]` → `[n / w, w, d]` with `w = min(w_size, n)`; `w` must divide `n`."""
   n, d = x.shape
   w = min(w_size, n)
   if n % w:
     raise ValueError(f"W-MSE's w_size={w_size} must divide the batch size {n}")
-  if w <= d:
+  # A traced eps cannot be checked; only a concrete zero is known to fail.
+  if w <= d and not isinstance(eps, jax.core.Tracer) and float(eps) <= 0:
     raise ValueError(
       f"W-MSE whitens sub-batches of {w} embeddings of dimension {d}: their covariance is "
-      f"singular; use w_size > {d} (and a batch at least that large) or a smaller projection"
+      f"singular and its Cholesky factor does not exist; use w_size > {d} (and a batch at least "
+      f"that large), a smaller projection, or a shrinkage w_eps > 0"
     )
   return x.reshape(n // w, w, d)
 
@@ -83,7 +92,7 @@ def wmse_loss(
       f"wmse_loss expects two [n, d] arrays of one shape, got {z1.shape}, {z2.shape}"
     )
   white = [
-    jax.vmap(lambda x: whiten(x, eps=eps))(_sub_batches(z, w_size)).reshape(z.shape)
+    jax.vmap(lambda x: whiten(x, eps=eps))(_sub_batches(z, w_size, eps)).reshape(z.shape)
     for z in (z1, z2)
   ]
   cos = jnp.mean(jnp.sum(base.l2_normalize(white[0]) * base.l2_normalize(white[1]), axis=-1))
