@@ -25,6 +25,8 @@ setuptools.setup(
     "orbax-checkpoint>=0.6.0",
     # tensorflow-datasets decodes images with it; so do the image-folder sources.
     "pillow>=10.0",
+    # TensorBoard event files without TensorFlow.
+    "tensorboardX>=2.6",
     "tensorflow-datasets>=4.9.6",
     # tensorflow-datasets imports it at run time without declaring it.
     "importlib_resources>=6.0",

@@ -5,6 +5,7 @@ layer over library functions that tests and notebooks call too (`validate`, `run
 """
 
 import json
+import logging as std_logging
 import pathlib
 from collections.abc import Callable
 
@@ -75,7 +76,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
     STAGES[stage](config, workdir)
 
 
+def _quiet_orbax(record) -> bool:
+  """orbax logs every checkpoint operation at INFO; the console keeps its warnings only."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorboardX
 from absl import logging
 
 from umm_jax import checkpoint, data, methods, optim, parallel, train
@@ -34,6 +35,7 @@ from umm_jax.models import resnet
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class Run(NamedTuple):
@@ -46,6 +48,7 @@ class Run(NamedTuple):
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   probe_tx: optax.GradientTransformation
+  global_batch: int
   steps_per_epoch: int
   total_steps: int
   input_shape: tuple[int, int, int]
@@ -83,6 +86,7 @@ def build(config: ml_collections.ConfigDict, train_set: data.Dataset) -> Run:
     tx=tx,
     schedule=schedule,
     probe_tx=optax.sgd(config.train.probe_lr, momentum=0.9),
+    global_batch=config.train.batch_size,
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
     input_shape=(size, size, train_set.images.shape[-1]),
@@ -161,21 +165,60 @@ class _StopRequest:
 
 
 class _MetricsLog:
-  """`metrics.jsonl` written by process 0; on resume, records past the restored step are cut."""
+  """`metrics.jsonl` and TensorBoard events (`tensorboard/`), written by process 0 only.
 
-  def __init__(self, path: pathlib.Path, resume_step: int):
-    self.path = path
-    self.enabled = jax.process_index() == 0
-    if self.enabled and path.exists():
-      kept = [
-        line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
-      ]
-      path.write_text("".join(line + "\n" for line in kept))
+  On resume, JSONL records past the restored step are cut and TensorBoard is told to purge its
+  events past it, so an interrupted run's tail is not counted twice.
+  """
 
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.path = workdir / METRICS_FILE
+    self.writer = None
+    if jax.process_index() != 0:
+      return
+    if self.path.exists():
+      lines = self.path.read_text().splitlines()
+      kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self.writer = tensorboardX.SummaryWriter(
+      str(workdir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+    )
+
+  def write(self, split: str, record: dict) -> None:
+    if self.writer is None:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps({"split": split, **record}) + "\n")
+    for key, value in record.items():
+      if key != "step":
+        self.writer.add_scalar(f"{split}/{key}", value, record["step"])
+    self.writer.flush()
+
+  def train(self, history: list[dict], step: int, run: Run, *, timed: int, seconds: float):
+    """Writes and prints the mean of the step metrics in `history`, with speed and ETA.
+
+    `timed` steps took `seconds` (the first step's compilation is not among them).
+    """
+    record = _mean_metrics(history)
+    record.update(step=step, epoch=step / run.steps_per_epoch, lr=float(run.schedule(step - 1)))
+    speed = ""
+    if timed:
+      record["images_per_second"] = run.global_batch * timed / seconds
+      eta = (run.total_steps - step) * seconds / timed
+      speed = f" {record['images_per_second']:.0f} img/s eta {eta:.0f}s"
+    self.write("train", record)
+    logging.info(
+      "step %d/%d epoch %.2f loss %.4f probe_acc %.3f lr %.3g%s",
+      *(step, run.total_steps, record["epoch"], record["loss"], record["probe_acc"]),
+      *(record["lr"], speed),
+    )
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self.writer is not None:
+      self.writer.close()
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -203,7 +246,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if start:
     state = ckpt.restore(start, state)
     logging.info("resuming from step %d (%s)", start, ckpt.directory)
-  log = _MetricsLog(workdir / METRICS_FILE, resume_step=start)
+  log = _MetricsLog(workdir, resume_step=start)
 
   step_fn = train.make_train_step(
     model=run.model,
@@ -224,8 +267,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   def save(step: int, epoch: float, metrics: dict) -> None:
     ckpt.save(step, state, metadata={"step": step, "epoch": epoch, **metrics})
 
-  history, tic, step = [], time.perf_counter(), start
-  with _StopRequest() as stop:
+  history, tic, timed, step = [], time.perf_counter(), 0, start
+  with ckpt, log, _StopRequest() as stop:
     for epoch in range(start // run.steps_per_epoch, cfg.epochs):
       batches = data.batches(
         train_set,
@@ -236,7 +279,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         process_count=jax.process_count(),
         start_step=step % run.steps_per_epoch,
       )
-      for images, labels in batches:
+      for images, labels in data.prefetch(batches):
         batch = {
           "image": parallel.global_batch(images, mesh),
           "label": parallel.global_batch(labels, mesh),
@@ -244,24 +287,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         state, metrics = step_fn(state, batch, step_key)
         history.append(metrics)
         step += 1
+        timed += 1
+        if step == start + 1:  # time steps, not the compilation
+          jax.block_until_ready(metrics)
+          logging.info("first step (with compilation): %.1fs", time.perf_counter() - tic)
+          tic, timed = time.perf_counter(), 0
         if step % cfg.log_every_steps == 0 or step == run.total_steps:
-          record = _mean_metrics(history)
-          _check_finite(record, step, ckpt.latest_step())
-          seconds = time.perf_counter() - tic
-          record.update(
-            step=step,
-            epoch=step / run.steps_per_epoch,
-            lr=float(run.schedule(step - 1)),
-            images_per_second=len(history) * cfg.batch_size / seconds,
-          )
-          log.write({"split": "train", **record})
-          eta = (run.total_steps - step) * seconds / len(history)
-          logging.info(
-            "step %d/%d epoch %.2f loss %.4f probe_acc %.3f lr %.3g %.0f img/s eta %.0fs",
-            *(step, run.total_steps, record["epoch"], record["loss"], record["probe_acc"]),
-            *(record["lr"], record["images_per_second"], eta),
-          )
-          history, tic = [], time.perf_counter()
+          _check_finite(history, step, ckpt.latest_step())
+          log.train(history, step, run, timed=timed, seconds=time.perf_counter() - tic)
+          history, tic, timed = [], time.perf_counter(), 0
         if stop.signal:
           save(step, step / run.steps_per_epoch, {"interrupted_by": stop.signal})
           logging.warning("%s: saved step %d; rerun the same command to resume", stop.signal, step)
@@ -272,17 +306,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         evaluation = probe_accuracy(
           probe_logits, state, test_set, batch_size=cfg.eval_batch_size, mesh=mesh
         )
-        log.write({"split": "test", "step": step, "epoch": done, **evaluation})
+        log.write("test", {"step": step, "epoch": done, **evaluation})
         logging.info("epoch %d test probe top-1 %.4f", done, evaluation["probe_top1"])
       if done % cfg.checkpoint_every_epochs == 0 or done == cfg.epochs:
         save(step, done, evaluation)
-  ckpt.close()
   return state
 
 
-def _check_finite(record: dict, step: int, last_saved: int | None) -> None:
+def _check_finite(history: list[dict], step: int, last_saved: int | None) -> None:
   """The NaN guard: stop at the first non-finite metric rather than save a broken state."""
-  bad = sorted(k for k, v in record.items() if not math.isfinite(v))
+  bad = sorted(k for k, v in _mean_metrics(history).items() if not math.isfinite(v))
   if bad:
     raise FloatingPointError(
       f"non-finite {bad} at step {step}; the last checkpoint is step {last_saved}: lower the "
