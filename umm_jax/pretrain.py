@@ -143,7 +143,7 @@ def probe_accuracy(logits_fn, state, dataset: data.Dataset, *, batch_size: int, 
   return {"probe_top1": correct1 / n, "probe_top5": correct5 / n}
 
 
-class _StopRequest:
+class StopRequest:
   """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then saves and stops)."""
 
   def __init__(self):
@@ -164,7 +164,7 @@ class _StopRequest:
       signal.signal(s, handler)
 
 
-class _MetricsLog:
+class MetricsLog:
   """`metrics.jsonl` and TensorBoard events (`tensorboard/`), written by process 0 only.
 
   On resume, JSONL records past the restored step are cut and TensorBoard is told to purge its
@@ -199,7 +199,7 @@ class _MetricsLog:
 
     `timed` steps took `seconds` (the first step's compilation is not among them).
     """
-    record = _mean_metrics(history)
+    record = mean_metrics(history)
     record.update(step=step, epoch=step / run.steps_per_epoch, lr=float(run.schedule(step - 1)))
     speed = ""
     if timed:
@@ -221,7 +221,7 @@ class _MetricsLog:
       self.writer.close()
 
 
-def _mean_metrics(history: list[dict]) -> dict:
+def mean_metrics(history: list[dict]) -> dict:
   host = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
@@ -246,7 +246,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if start:
     state = ckpt.restore(start, state)
     logging.info("resuming from step %d (%s)", start, ckpt.directory)
-  log = _MetricsLog(workdir, resume_step=start)
+  log = MetricsLog(workdir, resume_step=start)
 
   step_fn = train.make_train_step(
     model=run.model,
@@ -268,7 +268,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     ckpt.save(step, state, metadata={"step": step, "epoch": epoch, **metrics})
 
   history, tic, timed, step = [], time.perf_counter(), 0, start
-  with ckpt, log, _StopRequest() as stop:
+  with ckpt, log, StopRequest() as stop:
     for epoch in range(start // run.steps_per_epoch, cfg.epochs):
       batches = data.batches(
         train_set,
@@ -293,7 +293,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
           logging.info("first step (with compilation): %.1fs", time.perf_counter() - tic)
           tic, timed = time.perf_counter(), 0
         if step % cfg.log_every_steps == 0 or step == run.total_steps:
-          _check_finite(history, step, ckpt.latest_step())
+          check_finite(history, step, ckpt.latest_step())
           log.train(history, step, run, timed=timed, seconds=time.perf_counter() - tic)
           history, tic, timed = [], time.perf_counter(), 0
         if stop.signal:
@@ -313,9 +313,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   return state
 
 
-def _check_finite(history: list[dict], step: int, last_saved: int | None) -> None:
+def check_finite(history: list[dict], step: int, last_saved: int | None) -> None:
   """The NaN guard: stop at the first non-finite metric rather than save a broken state."""
-  bad = sorted(k for k, v in _mean_metrics(history).items() if not math.isfinite(v))
+  bad = sorted(k for k, v in mean_metrics(history).items() if not math.isfinite(v))
   if bad:
     raise FloatingPointError(
       f"non-finite {bad} at step {step}; the last checkpoint is step {last_saved}: lower the "
