@@ -1,0 +1,143 @@
+"""Images/s of the SimCLR pre-training step (ResNet-18, CIFAR size), and PyTorch's when installed.
+
+Run (from the repository root):
+  python -m benchmarks.train_bench --batch=256 --repeats=3
+
+JAX: `umm_jax.train.make_train_step` as the `pretrain` stage runs it (jitted, state donated):
+on-device augmentation of two views, ResNet-18 (CIFAR stem) on each view, SimCLR's projector
+(2048 → 256) and NT-Xent, LARS, the online probe; the first call compiles and is not timed,
+then the median of `--repeats` steps. PyTorch (if `import torch` works): the same network,
+projector, loss and an SGD-momentum step on pre-made views (no augmentation, so it does less
+work), float32, channels-last memory format as its fastest CPU layout. Both sides print
+images/s (source images, two views each) and the ratio.
+"""
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+from umm_jax import data, pretrain, train
+
+SIZE = 32
+
+
+def jax_seconds(batch: int, repeats: int) -> float:
+  """Median seconds of one compiled pre-training step on `batch` CIFAR-size images."""
+  config = default.get_config()
+  config.data.name = "synthetic"
+  config.data.synthetic.update(num_examples=batch, image_size=SIZE, channels=3)
+  config.train.batch_size = batch
+  config.optim.warmup_epochs = 0
+  train_set = data.load(config.data, "train")
+  run = pretrain.build(config, train_set)
+  mean, std = train_set.channel_stats()
+  step = train.make_train_step(
+    model=run.model,
+    heads=run.heads,
+    method=run.method,
+    hp=run.hp,
+    tx=run.tx,
+    probe_tx=run.probe_tx,
+    num_classes=run.num_classes,
+    image_size=SIZE,
+    mean=jnp.asarray(mean),
+    std=jnp.asarray(std),
+    total_steps=run.total_steps,
+  )
+  step = jax.jit(step, donate_argnums=0)
+  state = pretrain.init_state(run, jax.random.key(0))
+  batch_arrays = {"image": jnp.asarray(train_set.images), "label": jnp.asarray(train_set.labels)}
+  key = jax.random.key(1)
+  state, metrics = step(state, batch_arrays, key)  # compiles
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = step(state, batch_arrays, key)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def torch_seconds(batch: int, repeats: int) -> float:
+  """Median seconds of the same network, projector and loss in PyTorch, with SGD momentum."""
+  import torch
+  from torch import nn
+  from torch.nn import functional
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = nn.Sequential()
+      if stride != 1 or cin != cout:
+        self.shortcut = nn.Sequential(
+          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
+
+    def forward(self, x):
+      y = functional.relu(self.bn1(self.conv1(x)))
+      return functional.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+  layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+  cin = 64
+  for i, cout in enumerate((64, 128, 256, 512)):
+    layers += [Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)]
+    cin = cout
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+  projector = [nn.Linear(512, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 256)]
+  net = nn.Sequential(*layers, *projector).to(memory_format=torch.channels_last)
+  opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+  views = [torch.randn(batch, 3, SIZE, SIZE).to(memory_format=torch.channels_last) for _ in "12"]
+
+  def step():
+    z = functional.normalize(torch.cat([net(v) for v in views]), dim=1)
+    logits = (z @ z.T / 0.2).fill_diagonal_(float("-inf"))
+    target = (torch.arange(2 * batch) + batch) % (2 * batch)
+    loss = functional.cross_entropy(logits, target)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  print(
+    f"SimCLR step, ResNet-18 CIFAR stem, batch {args.batch} x 2 views of {SIZE}x{SIZE}x3, "
+    f"median of {args.repeats}; jax {jax.__version__} on {jax.default_backend()} "
+    f"({jax.devices()[0].device_kind}), {platform.processor() or platform.machine()}"
+  )
+  jax_s = jax_seconds(args.batch, args.repeats)
+  print(f"  jax    {1e3 * jax_s:9.1f} ms/step {args.batch / jax_s:8.1f} images/s")
+  try:
+    import torch
+  except ImportError:
+    print("  torch  not installed: no reference")
+    return
+  torch_s = torch_seconds(args.batch, args.repeats)
+  rate = args.batch / torch_s
+  print(f"  torch  {1e3 * torch_s:9.1f} ms/step {rate:8.1f} images/s (torch {torch.__version__})")
+  print(f"  jax / torch throughput: {torch_s / jax_s:.2f}")
+
+
+if __name__ == "__main__":
+  main()
