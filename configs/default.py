@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     dict(
       epochs=100,
       batch_size=256,
+      split="train",  # the split pre-training reads (STL-10: "train+unlabelled")
       log_every_steps=50,
       eval_every_epochs=1,
       eval_batch_size=512,
@@ -59,13 +60,23 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimiser and learning-rate schedule (umm_jax.optim.DEFAULTS documents each key).
   c.optim = ml_collections.ConfigDict(dict(optim.DEFAULTS))
 
-  # Layer-wise monitor: label-free ΔR (umm_jax.crr) of the pooled features of each layer on two
-  # augmented views of `num_images` training images, in chunks of `chunk_size` views.
+  # Layer-wise monitor (umm_jax.monitor), for every checkpoint and every layer: kNN and linear-probe
+  # test accuracy of the pooled features, and label-free ΔR (umm_jax.crr) of the pooled features
+  # of two augmented views of `num_images` training images, in chunks of `chunk_size` views.
   c.monitor = ml_collections.ConfigDict(
     dict(
       layers=("layer1", "layer2", "layer3", "layer4"),
-      num_images=1024,
-      chunk_size=512,
+      signals=("knn", "linear", "rate_reduction"),  # which of umm_jax.monitor.SIGNALS to measure
+      knn_k=5,  # neighbours of the kNN classifier (the paper: 5)
+      knn_temperature=0.0,  # 0: majority vote (the paper); T > 0: votes weighted by exp(s / T)
+      linear_epochs=100,  # linear-probe epochs (the paper: 500; fewer keep CPU demos short)
+      linear_batch_size=256,  # linear-probe batch (the paper: 256)
+      linear_lr_start=1e-2,  # linear-probe lr, decayed exponentially per epoch ...
+      linear_lr_end=1e-6,  # ... to this value (the paper: 1e-2 to 1e-6)
+      eval_train_images=0,  # labelled train images for kNN / linear (0: all; else a seeded subset)
+      eval_test_images=0,  # test images for kNN / linear (0: all; else a seeded subset)
+      num_images=1024,  # training images whose two views give ΔR
+      chunk_size=512,  # views per ΔR chunk (m)
       eps2=0.5,  # ε² of the coding rate
       membership="soft",  # umm_jax.crr membership kind for label-free ΔR
       temperature=0.1,  # τ of the soft membership

@@ -232,7 +232,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   cfg = config.train
   mesh = parallel.make_mesh()
   parallel.check_global_batch(cfg.batch_size, mesh)
-  train_set = data.load(config.data, "train")
+  train_set = data.load(config.data, cfg.split)
   test_set = data.load(config.data, "test")
   run = build(config, train_set)
   mean, std = train_set.channel_stats()
