@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from umm_jax import evaluate
+from umm_jax import evaluate, finetune
 from umm_jax.models import resnet
 
 C = 10
@@ -227,25 +227,25 @@ def test_semi_supervised_subset_is_balanced_deterministic_and_seeded():
   rng = np.random.default_rng(3)
   labels = rng.permutation(np.repeat(np.arange(C), 200))  # 2000 images, 200 per class
   for fraction, per_class in ((0.01, 2), (0.1, 20)):
-    idx = evaluate.semi_supervised_subset(labels, fraction=fraction, seed=0)
+    idx = finetune.semi_supervised_subset(labels, fraction=fraction, seed=0)
     assert np.all(np.diff(idx) > 0)
     np.testing.assert_array_equal(np.bincount(labels[idx], minlength=C), np.full(C, per_class))
-    again = evaluate.semi_supervised_subset(labels, fraction=fraction, seed=0)
+    again = finetune.semi_supervised_subset(labels, fraction=fraction, seed=0)
     np.testing.assert_array_equal(idx, again)
-    other = evaluate.semi_supervised_subset(labels, fraction=fraction, seed=1)
+    other = finetune.semi_supervised_subset(labels, fraction=fraction, seed=1)
     assert len(other) == len(idx) and not np.array_equal(idx, other)
   # Unlabelled images (-1) are never picked; a class smaller than the quota gives all it has.
   labels[np.flatnonzero(labels == 9)[:195]] = -1
-  idx = evaluate.semi_supervised_subset(labels, fraction=0.1, seed=0)  # 1805 labelled → 18 each
+  idx = finetune.semi_supervised_subset(labels, fraction=0.1, seed=0)  # 1805 labelled → 18 each
   assert np.all(labels[idx] >= 0)
   np.testing.assert_array_equal(np.bincount(labels[idx], minlength=C), [18] * 9 + [5])
   with pytest.raises(ValueError, match="fraction"):
-    evaluate.semi_supervised_subset(labels, fraction=0.0, seed=0)
+    finetune.semi_supervised_subset(labels, fraction=0.0, seed=0)
 
 
 def test_protocols_are_keyword_arguments_of_their_functions():
   functions = {"knn": evaluate.knn_accuracy, "linear": evaluate.linear_probe}
-  functions["semi"] = evaluate.fine_tune
+  functions["semi"] = finetune.fine_tune
   for name, kwargs in evaluate.PROTOCOLS.items():
     parameters = inspect.signature(functions[name.split("_")[0]]).parameters
     assert set(kwargs) <= set(parameters), name
@@ -322,8 +322,8 @@ def test_fine_tune_trains_backbone_and_classifier(tiny_model):
   kw = dict(num_classes=2, image_size=8, mean=MEAN, std=STD, fraction=0.5, batch_size=8, seed=0)
   kw.update(classifier_lr=0.1, backbone_lr=0.05, momentum=0.9, eval_batch_size=16)
   data = (images, labels, test_images, test_labels)
-  before = evaluate.fine_tune(model, variables, *data, **kw, epochs=0).metrics
-  tuned = evaluate.fine_tune(model, variables, *data, **kw, epochs=15)
+  before = finetune.fine_tune(model, variables, *data, **kw, epochs=0).metrics
+  tuned = finetune.fine_tune(model, variables, *data, **kw, epochs=15)
   metrics = tuned.metrics
   assert metrics["protocol"]["labelled"] == 16 and metrics["protocol"]["backbone_lr"] == 0.05
   assert metrics["train_top1"] >= 0.9 and metrics["train_top1"] > before["train_top1"]
@@ -333,7 +333,7 @@ def test_fine_tune_trains_backbone_and_classifier(tiny_model):
   )
   assert min(jax.tree.leaves(changed)) > 0
   # The backbone's own learning rate reaches it: at 0 its weights stay, the classifier moves.
-  frozen = evaluate.fine_tune(model, variables, *data, **{**kw, "backbone_lr": 0.0}, epochs=2)
+  frozen = finetune.fine_tune(model, variables, *data, **{**kw, "backbone_lr": 0.0}, epochs=2)
   same = jax.tree.map(
     np.array_equal, frozen.variables["params"], jax.device_get(variables["params"])
   )
