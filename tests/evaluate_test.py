@@ -9,6 +9,7 @@
 """
 
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -339,3 +340,34 @@ def test_fine_tune_trains_backbone_and_classifier(tiny_model):
   )
   assert all(jax.tree.leaves(same))
   assert frozen.metrics["train_loss"] is not None
+
+
+def test_stage_evaluates_the_last_checkpoint_of_each_encoder(tmp_path):
+  from configs import test as test_config
+  from umm_jax import data, pretrain
+
+  config = test_config.get_config()
+  config.evaluate.linear_epochs = 3
+  config.evaluate.layers = ("layer2", "embedding")
+  state = pretrain.pretrain(config, tmp_path)
+  out = evaluate.run_stage(config, tmp_path)
+  assert list(out) == ["baseline"]  # no UMM run in this work dir
+  assert out["baseline"]["step"] == int(state.step)
+  assert json.loads((tmp_path / evaluate.RESULTS_FILE).read_text()) == out
+  # The stage's kNN equals kNN on features of the state pre-training returned.
+  train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
+  mean, std = train_set.channel_stats()
+  model = pretrain.create_model(config)
+  feats = [
+    evaluate.extract_features(
+      model, state.online["backbone"], s.images, layers=("layer2",), image_size=16, mean=mean,
+      std=std, batch_size=32,
+    )["layer2"]
+    for s in (train_set, test_set)
+  ]  # fmt: skip
+  expected = evaluate.knn_accuracy(
+    feats[0], train_set.labels, feats[1], test_set.labels, k=5, temperature=None, num_classes=10
+  )
+  got = out["baseline"]["layers"]["layer2"]["knn_k5"]
+  assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+  assert out["baseline"]["layers"]["embedding"]["linear"]["protocol"]["epochs"] == 3

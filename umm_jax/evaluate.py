@@ -17,6 +17,8 @@ that produced it (its `protocol` entry), so numbers from different protocols are
 """
 
 import functools
+import json
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
-from umm_jax import parallel
+from umm_jax import checkpoint, data, parallel, pretrain
 from umm_jax.models import resnet
 
 FEATURE_LAYERS = (*resnet.STAGES, "embedding")
@@ -350,3 +353,80 @@ def linear_probe(
     "train_loss": float(losses[-1]),
     "protocol": proto,
   }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+RESULTS_FILE = "evaluation.json"
+# Encoders the stage evaluates, by name: the checkpoint directory under the work dir.
+ENCODERS = {"baseline": "checkpoints", "+UMM": "umm/checkpoints"}
+
+
+def evaluate_encoder(
+  model, variables, train_set, test_set, *, layers, protocols, image_size, batch_size, overrides
+) -> dict:
+  """`{layer: {protocol name: result}}` of one encoder, features extracted once per split.
+
+  `protocols` are names in `PROTOCOLS` ('knn_*', 'linear'); `overrides` `{name: {arg: value}}`
+  changes a protocol's arguments (recorded in each result's protocol). Unlabelled training images
+  (label -1) are left out.
+  """
+  mean, std = train_set.channel_stats()
+  labelled = np.flatnonzero(np.asarray(train_set.labels) >= 0)
+  feats = {
+    split: extract_features(
+      model, variables, images, layers=layers, image_size=image_size, mean=mean, std=std,
+      batch_size=batch_size,
+    )  # fmt: skip
+    for split, images in (("train", train_set.images[labelled]), ("test", test_set.images))
+  }
+  train_labels, test_labels = np.asarray(train_set.labels)[labelled], test_set.labels
+  results = {}
+  for layer in layers:
+    args = (feats["train"][layer], train_labels, feats["test"][layer], test_labels)
+    results[layer] = {}
+    for name in protocols:
+      fn = linear_probe if name == "linear" else knn_accuracy
+      kwargs = {**protocol(name), **overrides.get(name, {})}
+      results[layer][name] = fn(*args, num_classes=train_set.num_classes, layer=layer, **kwargs)
+  return results
+
+
+def run_stage(config, workdir) -> dict:
+  """The `evaluate` stage: the last checkpoint of each encoder in `ENCODERS` that exists.
+
+  Writes `evaluation.json`: `{encoder: {'step', 'checkpoint', 'layers': {layer: {protocol:
+  {top1, top5, protocol}}}}}` and prints a table. `config.evaluate.linear_epochs` overrides the
+  linear protocol's 500 epochs (recorded in each result's protocol).
+  """
+  workdir = pathlib.Path(workdir)
+  cfg = config.evaluate
+  train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
+  model = pretrain.create_model(config)
+  out = {}
+  for name, sub in ENCODERS.items():
+    directory = workdir / sub
+    if not directory.is_dir():
+      logging.info("evaluate: no %s checkpoints (%s)", name, directory)
+      continue
+    with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
+      steps = ckpt.all_steps()
+      if not steps:
+        continue
+      variables, _ = pretrain.load_backbone(ckpt, steps[-1])
+    layers = evaluate_encoder(
+      model, variables, train_set, test_set, layers=tuple(cfg.layers), protocols=cfg.protocols,
+      image_size=config.data.image_size, batch_size=cfg.batch_size,
+      overrides={"linear": {"epochs": cfg.linear_epochs}},
+    )  # fmt: skip
+    out[name] = {"step": steps[-1], "checkpoint": str(directory / str(steps[-1])), "layers": layers}
+  if not out:
+    raise ValueError(f"evaluate: no checkpoints under {workdir}; run the pretrain stage first")
+  (workdir / RESULTS_FILE).write_text(json.dumps(out, indent=2))
+  lines = [f"{'encoder':10s} {'layer':10s} {'protocol':14s} {'top1':>7s} {'top5':>7s}"]
+  for name, entry in out.items():
+    for layer, results in entry["layers"].items():
+      for proto, r in results.items():
+        lines.append(f"{name:10s} {layer:10s} {proto:14s} {r['top1']:7.4f} {r['top5']:7.4f}")
+  print("\n".join(lines) + f"\n(written to {workdir / RESULTS_FILE})")
+  return out

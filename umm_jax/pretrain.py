@@ -16,6 +16,7 @@ SIGTERM (pre-emption) save a checkpoint at the current step before the run stops
 
 import json
 import math
+import os
 import pathlib
 import signal
 import time
@@ -106,6 +107,37 @@ def init_state(run: Run, key: jax.Array) -> train.TrainState:
     num_classes=run.num_classes,
     probe_tx=run.probe_tx,
   )
+
+
+def load_backbone(ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, dict]:
+  """The backbone variables (`state.online['backbone']`, NumPy) and metadata of `step`.
+
+  Reads any checkpoint of a `TrainState` (pre-training or UMM) without building a target, so a
+  notebook or another stage can load an encoder from a folder of checkpoints.
+
+  Raises:
+    ValueError: naming the checkpoint's path, when the step is missing, unreadable (corrupt or
+      incomplete files) or holds no `TrainState`.
+  """
+  path = os.path.join(ckpt.directory, str(step))
+  steps = ckpt.all_steps()
+  if step not in steps:
+    raise ValueError(f"Missing checkpoint {path}: no step {step} in {ckpt.directory} ({steps})")
+  try:
+    raw, meta = ckpt.restore_raw(step), ckpt.metadata(step)
+  except Exception as e:  # orbax, TensorStore and json raise many kinds; all mean "unreadable"
+    raise ValueError(
+      f"Corrupt or incomplete checkpoint {path} (step {step}): {type(e).__name__}: {e}"
+    ) from e
+  try:
+    backbone = raw["online"]["backbone"]
+    variables = {"params": backbone["params"], "batch_stats": backbone["batch_stats"]}
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+      f"Checkpoint {path} holds no state.online['backbone'] {{params, batch_stats}} of a "
+      f"TrainState (missing {e})"
+    ) from e
+  return variables, meta
 
 
 def make_probe_eval(run: Run, mean: np.ndarray, std: np.ndarray):
