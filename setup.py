@@ -19,6 +19,8 @@ setuptools.setup(
     "jax>=0.4.35",
     "jaxlib>=0.4.35",
     "jaxopt>=0.8.3",
+    # The report's plots (PNG, Agg backend).
+    "matplotlib>=3.8",
     "ml-collections>=0.1.1",
     "numpy>=1.26",
     "optax>=0.2.3",

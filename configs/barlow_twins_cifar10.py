@@ -19,9 +19,9 @@ Run:
 Expect: solo-learn's README results table reports 92.10 Acc@1 for Barlow Twins on CIFAR-10
 (ResNet-18, 1000 epochs, this recipe). The UMM paper's Table 1 reports 90.88 linear / 89.68 5-NN
 top-1 for Barlow Twins on CIFAR-10 (ResNet-18, mean of five runs; 91.55 / 90.74 after UMM). This
-config's stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and
-the layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN
-protocols arrive with the evaluate stage.
+config's stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor
+of every checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and
+report.md.
 """
 
 from configs import recipes

@@ -21,9 +21,9 @@ Run:
   python -m umm_jax.main --config=configs/barlow_twins_stl10.py --workdir=runs/barlow_twins_stl10
 
 Expect: the UMM paper's Table 1 reports 90.38 linear / 87.13 5-NN top-1 for Barlow Twins on STL-10
-(ResNet-18, mean of five runs; 92.27 / 89.69 after UMM). This config's stages (pretrain, monitor)
-log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the
-checkpoints (monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+(ResNet-18, mean of five runs; 92.27 / 89.69 after UMM). This config's stages log the online linear
+probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json),
+the offline k-NN and linear protocols (evaluation.json) and report.md.
 
 Notes: umm_jax.augment gives views above 32 px the ImageNet settings (crops from 8% of the area,
 Gaussian blur); W-MSE's 64-px crops start at 20% and skip the blur, and its ResNet-18 keeps the

@@ -21,9 +21,9 @@ Run:
 
 Expect: BYOL's README (deepmind-research/byol) expects 74.0-74.5 top-1 (linear) after 1000 epochs
 (its released ResNet-50 checkpoint: ~74.4); the UMM paper's Table 3 reports 74.3 top-1 for BYOL at
-1000 epochs. This config's stages (pretrain, monitor) log the online linear probe's test accuracy
-(metrics.jsonl) and the layer-wise rate reduction of the checkpoints (monitor.json); the offline
-linear and k-NN protocols arrive with the evaluate stage.
+1000 epochs. This config's stages log the online linear probe's test accuracy (metrics.jsonl), the
+layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and linear protocols
+(evaluation.json) and report.md.
 
 Notes: BYOL's preset moves the target network's EMA from 0.996 to 1; the byol module fixes 0.99 to 1
 (solo-learn's), with no config key to change it yet.

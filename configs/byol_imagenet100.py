@@ -24,9 +24,8 @@ Run:
 Expect: the UMM paper's Table 2 reports 75.66 top-1 / 92.07 top-5 linear for BYOL on ImageNet-100
 (ResNet-50, mean of five runs; 76.98 / 94.99 after UMM). solo-learn's README results table reports
 80.16 online, 80.32 offline Acc@1 for BYOL with this recipe on ResNet-18 (400 epochs). This config's
-stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the
-layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols
-arrive with the evaluate stage.
+stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every
+checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # root of every random key: the run is a deterministic function of it
   # Stages run in order by `python -m umm_jax.main` (valid names: umm_jax.main.STAGES).
-  c.stages = ("pretrain", "monitor")
+  c.stages = ("pretrain", "monitor", "evaluate", "report")
 
   # Data: source name (umm_jax.data.SOURCES), model input size, IDX directory for the full set.
   c.data = ml_collections.ConfigDict()
@@ -81,6 +81,17 @@ def get_config() -> ml_collections.ConfigDict:
       membership="soft",  # umm_jax.crr membership kind for label-free ΔR
       temperature=0.1,  # τ of the soft membership
       batch_size=256,  # images per forward pass when extracting features
+    )
+  )
+
+  # Evaluation stage (umm_jax.evaluate): the last checkpoint of pre-training and of UMM, probed on
+  # pooled features of each layer with the named protocols (umm_jax.evaluate.PROTOCOLS).
+  c.evaluate = ml_collections.ConfigDict(
+    dict(
+      layers=("embedding",),  # umm_jax.evaluate.FEATURE_LAYERS; the paper reports the last layer
+      protocols=("knn_k5", "knn_k200_t0.1", "linear"),
+      linear_epochs=500,  # the paper's 500; fewer keep CPU demos short (recorded per result)
+      batch_size=512,  # images per forward pass when extracting features
     )
   )
 

@@ -18,9 +18,9 @@ Run:
 Expect: solo-learn's README results table reports 69.89 Acc@1 for MoCo V2+ on CIFAR-100 (ResNet-18,
 1000 epochs, this recipe). The UMM paper's Table 1 reports 67.22 linear / 56.29 5-NN top-1 for MoCo
 on CIFAR-100 (ResNet-18, mean of five runs). The paper does not say which MoCo; v2 is assumed. This
-config's stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and
-the layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN
-protocols arrive with the evaluate stage.
+config's stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor
+of every checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and
+report.md.
 """
 
 from configs import recipes

@@ -23,10 +23,9 @@ Run:
 
 Expect: the UMM paper's Table 2 reports 72.80 top-1 / 91.64 top-5 linear for MoCo on ImageNet-100
 (ResNet-50, mean of five runs). solo-learn's README results table reports 78.20 online, 79.28
-offline Acc@1 for MoCo V2+ with this recipe on ResNet-18 (400 epochs). This config's stages
-(pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise
-rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with
-the evaluate stage.
+offline Acc@1 for MoCo V2+ with this recipe on ResNet-18 (400 epochs). This config's stages log the
+online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint
+(monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

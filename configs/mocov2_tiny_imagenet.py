@@ -21,9 +21,8 @@ Run:
 
 Expect: the UMM paper's Table 1 reports 50.92 linear / 35.55 5-NN top-1 for MoCo on Tiny-ImageNet
 (ResNet-18, mean of five runs). The paper does not say which MoCo; v2 is assumed. This config's
-stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the
-layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols
-arrive with the evaluate stage.
+stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every
+checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 
 Notes: umm_jax.augment gives views above 32 px the ImageNet settings (crops from 8% of the area,
 Gaussian blur); W-MSE's 64-px crops start at 20% and skip the blur, and its ResNet-18 keeps the

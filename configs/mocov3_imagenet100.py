@@ -23,9 +23,9 @@ Run:
 
 Expect: solo-learn's README results table reports 80.36 online, 80.36 offline Acc@1 for MoCo V3 with
 this recipe on ResNet-18 (400 epochs), and 85.48 online / 84.58 offline for its ResNet-50 run (whose
-recipe is not checked here). This config's stages (pretrain, monitor) log the online linear probe's
-test accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints (monitor.json);
-the offline linear and k-NN protocols arrive with the evaluate stage.
+recipe is not checked here). This config's stages log the online linear probe's test accuracy
+(metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and
+linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

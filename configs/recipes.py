@@ -293,9 +293,8 @@ def method(c: ml_collections.ConfigDict, name: str, dataset_name: str) -> None:
 
 
 def config(method_name: str, dataset_name: str) -> ml_collections.ConfigDict:
-  """`default.get_config()` with `dataset` and `method` applied; stages pretrain and monitor."""
+  """`default.get_config()` with `dataset` and `method` applied; stages as default.py's."""
   c = default.get_config()
-  c.stages = ("pretrain", "monitor")
   dataset(c, dataset_name)
   method(c, method_name, dataset_name)
   return c

@@ -16,9 +16,9 @@ Run:
   python -m umm_jax.main --config=configs/relic_v2_cifar100.py --workdir=runs/relic_v2_cifar100
 
 Expect: the UMM paper's Table 1 reports 67.66 linear / 57.03 5-NN top-1 for RELIC v2 on CIFAR-100
-(ResNet-18, mean of five runs; 68.98 / 58.35 after UMM). This config's stages (pretrain, monitor)
-log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the
-checkpoints (monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+(ResNet-18, mean of five runs; 68.98 / 58.35 after UMM). This config's stages log the online linear
+probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json),
+the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

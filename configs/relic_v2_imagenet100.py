@@ -21,10 +21,9 @@ Run:
     --config.data.data_dir=<dir>
 
 Expect: the UMM paper's Table 2 reports 75.88 top-1 / 93.52 top-5 linear for RELIC v2 on
-ImageNet-100 (ResNet-50, mean of five runs; 77.44 / 94.73 after UMM). This config's stages
-(pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise
-rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with
-the evaluate stage.
+ImageNet-100 (ResNet-50, mean of five runs; 77.44 / 94.73 after UMM). This config's stages log the
+online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint
+(monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -19,10 +19,9 @@ Run:
     --config.data.data_dir=<dir>
 
 Expect: SimCLR v1's README lists 69.1 top-1 (linear) for its released ResNet-50 (1x) checkpoint; the
-UMM paper's Table 3 reports 70.4 top-1 for SimCLR after 1000 epochs. This config's stages (pretrain,
-monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise rate
-reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with the
-evaluate stage.
+UMM paper's Table 3 reports 70.4 top-1 for SimCLR after 1000 epochs. This config's stages log the
+online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint
+(monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 
 Notes: SimCLR's LARS divides by the norm of the decayed gradient and this one by grad norm + wd x
 weight norm (solo-learn's); at weight decay 1e-6 the two agree closely.

@@ -23,10 +23,9 @@ Run:
 
 Expect: the UMM paper's Table 2 reports 70.15 top-1 / 89.75 top-5 linear for SimCLR on ImageNet-100
 (ResNet-50, mean of five runs; 71.75 / 91.61 after UMM). solo-learn's README results table reports
-77.64 online Acc@1 for SimCLR with this recipe on ResNet-18 (400 epochs). This config's stages
-(pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise
-rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with
-the evaluate stage.
+77.64 online Acc@1 for SimCLR with this recipe on ResNet-18 (400 epochs). This config's stages log
+the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint
+(monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -18,9 +18,8 @@ Run:
 Expect: solo-learn's README results table reports 90.51 Acc@1 for Simsiam on CIFAR-10 (ResNet-18,
 1000 epochs, this recipe). The UMM paper's Table 1 reports 91.71 linear / 88.65 5-NN top-1 for
 SimSiam on CIFAR-10 (ResNet-18, mean of five runs; 92.81 / 90.66 after UMM). This config's stages
-(pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise
-rate reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with
-the evaluate stage.
+log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every
+checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

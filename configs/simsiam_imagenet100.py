@@ -24,9 +24,9 @@ Run:
 Expect: the UMM paper's Table 2 reports 73.01 top-1 / 92.61 top-5 linear for SimSiam on ImageNet-100
 (ResNet-50, mean of five runs; 74.15 / 93.64 after UMM). solo-learn's README results table reports
 74.54 online, 78.72 offline Acc@1 for Simsiam with this recipe on ResNet-18 (400 epochs). This
-config's stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and
-the layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN
-protocols arrive with the evaluate stage.
+config's stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor
+of every checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and
+report.md.
 """
 
 from configs import recipes

@@ -18,9 +18,9 @@ Run:
 
 Expect: solo-learn's README results table reports 89.17 Acc@1 for SwAV on CIFAR-10 (ResNet-18, 1000
 epochs, this recipe). The UMM paper's Table 1 reports 91.03 linear / 89.52 5-NN top-1 for SwAV on
-CIFAR-10 (ResNet-18, mean of five runs). This config's stages (pretrain, monitor) log the online
-linear probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints
-(monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+CIFAR-10 (ResNet-18, mean of five runs). This config's stages log the online linear probe's test
+accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline
+k-NN and linear protocols (evaluation.json) and report.md.
 
 Notes: SwAV's queue starts after 50 epochs and the prototypes stay frozen for 2 (solo-learn),
 converted to steps at 195 steps per epoch.

@@ -24,10 +24,9 @@ Run:
 
 Expect: the UMM paper's Table 2 reports 75.78 top-1 / 92.86 top-5 linear for SwAV on ImageNet-100
 (ResNet-50, mean of five runs). solo-learn's README results table reports 74.04 online, 74.28
-offline Acc@1 for SwAV with this recipe on ResNet-18 (400 epochs). This config's stages (pretrain,
-monitor) log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise rate
-reduction of the checkpoints (monitor.json); the offline linear and k-NN protocols arrive with the
-evaluate stage.
+offline Acc@1 for SwAV with this recipe on ResNet-18 (400 epochs). This config's stages log the
+online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint
+(monitor.json), the offline k-NN and linear protocols (evaluation.json) and report.md.
 
 Notes: SwAV's queue starts after 50 epochs and the prototypes stay frozen for 2 (solo-learn),
 converted to steps at 494 steps per epoch.

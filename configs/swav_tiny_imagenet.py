@@ -21,9 +21,9 @@ Run:
     --config.data.data_dir=<dir>/tiny-imagenet-200
 
 Expect: the UMM paper's Table 1 reports 52.02 linear / 37.40 5-NN top-1 for SwAV on Tiny-ImageNet
-(ResNet-18, mean of five runs). This config's stages (pretrain, monitor) log the online linear
-probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints
-(monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+(ResNet-18, mean of five runs). This config's stages log the online linear probe's test accuracy
+(metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and
+linear protocols (evaluation.json) and report.md.
 
 Notes: SwAV's queue starts after 50 epochs and the prototypes stay frozen for 2 (solo-learn),
 converted to steps at 390 steps per epoch. umm_jax.augment gives views above 32 px the ImageNet

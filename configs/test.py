@@ -2,7 +2,8 @@
 
 Run: python -m umm_jax.main --config=configs/test.py --workdir=/tmp/umm_test
 Expect: two epochs of SimCLR pre-training on 64 synthetic images (checkpoints at steps 4 and 8,
-`metrics.jsonl`), then a `monitor.json` with a finite ΔR for each of the four layers.
+`metrics.jsonl`); `monitor.json` with kNN, linear and ΔR of the four layers at both checkpoints;
+`evaluation.json` (kNN and linear probe of the last checkpoint); `report.md` with its plots.
 """
 
 from configs import default
@@ -24,6 +25,9 @@ def get_config():
   c.train.eval_batch_size = 32
   c.train.checkpoint_every_epochs = 1
   c.optim.warmup_epochs = 1
+  c.evaluate.protocols = ("knn_k5", "linear")  # k = 200 needs more than 64 training images
+  c.evaluate.linear_epochs = 5
+  c.monitor.linear_epochs = 5
   c.monitor.num_images = 64
   c.monitor.chunk_size = 32
   c.monitor.batch_size = 64

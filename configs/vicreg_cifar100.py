@@ -16,9 +16,9 @@ Run:
   python -m umm_jax.main --config=configs/vicreg_cifar100.py --workdir=runs/vicreg_cifar100
 
 Expect: solo-learn's README results table reports 68.54 Acc@1 for VICReg on CIFAR-100 (ResNet-18,
-1000 epochs, this recipe). This config's stages (pretrain, monitor) log the online linear probe's
-test accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints (monitor.json);
-the offline linear and k-NN protocols arrive with the evaluate stage.
+1000 epochs, this recipe). This config's stages log the online linear probe's test accuracy
+(metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and
+linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -22,9 +22,9 @@ Run:
     --config.data.data_dir=<dir>
 
 Expect: solo-learn's README results table reports 79.22 online, 79.40 offline Acc@1 for VICReg with
-this recipe on ResNet-18 (400 epochs). This config's stages (pretrain, monitor) log the online
-linear probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints
-(monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+this recipe on ResNet-18 (400 epochs). This config's stages log the online linear probe's test
+accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline
+k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -16,9 +16,9 @@ Run:
   python -m umm_jax.main --config=configs/vicregl_cifar10.py --workdir=runs/vicregl_cifar10
 
 Expect: the UMM paper's Table 1 reports 90.99 linear / 88.75 5-NN top-1 for VICRegL on CIFAR-10
-(ResNet-18, mean of five runs; 92.77 / 90.74 after UMM). This config's stages (pretrain, monitor)
-log the online linear probe's test accuracy (metrics.jsonl) and the layer-wise rate reduction of the
-checkpoints (monitor.json); the offline linear and k-NN protocols arrive with the evaluate stage.
+(ResNet-18, mean of five runs; 92.77 / 90.74 after UMM). This config's stages log the online linear
+probe's test accuracy (metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json),
+the offline k-NN and linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

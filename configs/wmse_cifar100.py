@@ -19,9 +19,9 @@ Expect: solo-learn's README results table reports 61.33 Acc@1 for W-MSE on CIFAR
 1000 epochs, this recipe). The UMM paper's Table 1 reports 67.64 linear / 56.45 5-NN top-1 for W-MSE
 on CIFAR-100 (ResNet-18, mean of five runs; 68.62 / 57.41 after UMM). W-MSE's README trains its
 table with 2 or 4 views per image (W-MSE 2, W-MSE 4); the paper does not say which it reports, and
-this module has two. This config's stages (pretrain, monitor) log the online linear probe's test
-accuracy (metrics.jsonl) and the layer-wise rate reduction of the checkpoints (monitor.json); the
-offline linear and k-NN protocols arrive with the evaluate stage.
+this module has two. This config's stages log the online linear probe's test accuracy
+(metrics.jsonl), the layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and
+linear protocols (evaluation.json) and report.md.
 """
 
 from configs import recipes

@@ -24,9 +24,9 @@ Run:
 Expect: the UMM paper's Table 2 reports 76.01 top-1 / 93.12 top-5 linear for W-MSE on ImageNet-100
 (ResNet-50, mean of five runs; 77.45 / 94.28 after UMM). solo-learn's README results table reports
 67.60 online, 69.06 offline Acc@1 for W-MSE with this recipe on ResNet-18 (400 epochs). This
-config's stages (pretrain, monitor) log the online linear probe's test accuracy (metrics.jsonl) and
-the layer-wise rate reduction of the checkpoints (monitor.json); the offline linear and k-NN
-protocols arrive with the evaluate stage.
+config's stages log the online linear probe's test accuracy (metrics.jsonl), the layer-wise monitor
+of every checkpoint (monitor.json), the offline k-NN and linear protocols (evaluation.json) and
+report.md.
 """
 
 from configs import recipes

@@ -22,9 +22,9 @@ Run:
 Expect: the UMM paper's Table 1 reports 49.22 linear / 35.44 5-NN top-1 for W-MSE on Tiny-ImageNet
 (ResNet-18, mean of five runs; 51.26 / 36.38 after UMM). W-MSE's README trains its table with 2 or 4
 views per image (W-MSE 2, W-MSE 4); the paper does not say which it reports, and this module has
-two. This config's stages (pretrain, monitor) log the online linear probe's test accuracy
-(metrics.jsonl) and the layer-wise rate reduction of the checkpoints (monitor.json); the offline
-linear and k-NN protocols arrive with the evaluate stage.
+two. This config's stages log the online linear probe's test accuracy (metrics.jsonl), the
+layer-wise monitor of every checkpoint (monitor.json), the offline k-NN and linear protocols
+(evaluation.json) and report.md.
 
 Notes: umm_jax.augment gives views above 32 px the ImageNet settings (crops from 8% of the area,
 Gaussian blur); W-MSE's 64-px crops start at 20% and skip the blur, and its ResNet-18 keeps the

@@ -21,10 +21,15 @@ def test_test_config_runs_end_to_end(tmp_path):
   assert (tmp_path / "metrics.jsonl").exists()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
   result = json.loads((tmp_path / "monitor.json").read_text())
-  assert set(result["layers"]) == {"layer1", "layer2", "layer3", "layer4"}
-  for r in result["layers"].values():
-    assert np.isfinite(r["delta"]) and r["rate"] > 0
-    np.testing.assert_allclose(r["delta"], r["rate"] - r["compressed"], rtol=1e-5, atol=1e-6)
+  assert list(result["checkpoints"]) == ["4", "8"]
+  for entry in result["checkpoints"].values():
+    assert set(entry["layers"]) == {"layer1", "layer2", "layer3", "layer4"}
+    for r in entry["layers"].values():
+      assert np.isfinite(r["delta"]) and r["rate"] > 0
+      np.testing.assert_allclose(r["delta"], r["rate"] - r["compressed"], rtol=1e-5, atol=1e-6)
+      assert 0 <= r["knn_top1"] <= 1 and 0 <= r["linear_top1"] <= 1
+  assert set(json.loads((tmp_path / "evaluation.json").read_text())) == {"baseline"}
+  assert "| layer" in (tmp_path / "report.md").read_text()
   assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "resnet10"
 
 

@@ -13,14 +13,17 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umm_jax import crr, data, methods, monitor, optim, pretrain
+from umm_jax import crr, data, evaluate, methods, monitor, optim, pretrain, report
 from umm_jax.models import resnet
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
   "pretrain": pretrain.run_stage,
   "monitor": monitor.run_stage,
+  "evaluate": evaluate.run_stage,
+  "report": report.run_stage,
 }
 DTYPES = ("float32", "bfloat16")
+EVALUATE_PROTOCOLS = ("knn_k5", "knn_k200_t0.1", "linear")  # the evaluate stage's probes
 _POSITIVE_TRAIN_KEYS = (
   "epochs",
   "batch_size",
@@ -53,6 +56,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for layer in config.monitor.layers:
     _check("monitor layer", layer, resnet.STAGES)
   _check("membership", config.monitor.membership, crr.MEMBERSHIPS)
+  for layer in config.evaluate.layers:
+    _check("evaluate layer", layer, evaluate.FEATURE_LAYERS)
+  for name in config.evaluate.protocols:
+    _check("evaluate protocol", name, EVALUATE_PROTOCOLS)
   if config.optim.name:
     _check("optimizer", config.optim.name, optim.OPTIMIZERS)
   _check("schedule", config.optim.schedule, optim.SCHEDULES)

@@ -1,0 +1,440 @@
+"""The `report` stage: `report.md` and PNG plots in the work dir, from what earlier stages wrote.
+
+Reads `config.json` (`umm_jax.main`), `metrics.jsonl` (`umm_jax.pretrain`), `monitor.json`
+(`umm_jax.monitor`) and `evaluation.json` (`umm_jax.evaluate`); a missing file is said so in
+the report (or, for `evaluation.json`, its section left out), not an error. Writes `report.md`
+and `plots/*.png`, drawn on matplotlib's Agg canvas (no display; pyplot's global state is left
+alone), each `FIGSIZE` inches at `DPI`. Every number stands beside its protocol.
+
+Figures, one per finding:
+- `pretrain.png`: train loss and test top-1 of the online probe per epoch.
+- `accuracy.png`: kNN and linear test top-1 of each layer across checkpoints (paper Fig. 1).
+- `rate_reduction.png`: ΔR of each layer divided by its maximum (Fig. 2).
+- `accuracy_vs_rate_reduction.png`: per layer, accuracy and ΔR divided by their maxima, with
+  Pearson's r (Fig. 6).
+- `pearson.png`: Pearson's r of accuracy and ΔR per layer (Table 11).
+- `cost.png`: seconds per checkpoint of each signal (Table 9).
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from umm_jax import evaluate, monitor, overfitting, pretrain
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+CONFIG_FILE = "config.json"
+FIGSIZE = (10, 6)  # inches; at DPI, every PNG is 1000 x 600 pixels
+DPI = 100
+# Table 9 of the paper: one V100, CIFAR-10, linear 500 epochs, kNN k = 5.
+PAPER_COST = {"linear + features": 92.76, "knn + features": 13.63, "rate_reduction": 4.03}
+COST_ROWS = {
+  "features": "forward pass of the train and test images (shared by kNN and linear)",
+  "knn": "kNN classification of the test set, every layer",
+  "linear": "linear-probe training and test, every layer",
+  "rate_reduction": "forward pass of the two views and ΔR, every layer",
+}
+CORRELATION_PNG = "accuracy_vs_rate_reduction.png"
+# Every plot the report may draw; a rerun removes them first, so none outlives its data.
+PLOTS = ("pretrain.png", "accuracy.png", "rate_reduction.png", CORRELATION_PNG, "pearson.png")
+PLOTS += ("cost.png",)
+_ACC = {"knn": "kNN", "linear": "linear"}
+_BOLD = ("knn_top1", "linear_top1", "delta")  # the curves whose peaks the tables mark
+
+
+def _figure(title: str, nrows: int = 1, ncols: int = 1):
+  fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+  fig.suptitle(title, fontsize=13)
+  return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def _save(fig: Figure, path: pathlib.Path) -> str:
+  fig.savefig(path, dpi=DPI)  # no bbox_inches='tight': the pixel size stays FIGSIZE x DPI
+  return f"{PLOTS_DIR}/{path.name}"
+
+
+def _pct(value) -> str:
+  return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _num(value, digits: int = 4) -> str:
+  return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def _items(protocol: dict) -> str:
+  return "; ".join(f"{k} = {v}" for k, v in protocol.items())
+
+
+def _colors(n: int):
+  """Early to late layers: dark purple to green along viridis (its light yellow end left out)."""
+  return [matplotlib.colormaps["viridis"](0.85 * i / max(n - 1, 1)) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+
+def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
+  """The `train` and `test` records of a `metrics.jsonl`, in file order."""
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "test"]
+
+
+def plot_pretrain(train: list[dict], test: list[dict], path: pathlib.Path) -> str:
+  fig, (loss_ax, acc_ax) = _figure("Pre-training", 1, 2)
+  loss_ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="tab:blue")
+  loss_ax.set(title="SSL loss (train)", xlabel="epoch", ylabel="loss")
+  epochs, top1 = [r["epoch"] for r in test], [100 * r["probe_top1"] for r in test]
+  acc_ax.plot(epochs, top1, "o-", color="tab:green", label="online probe top-1")
+  acc_ax.set(title="Online linear probe (test)", xlabel="epoch", ylabel="top-1 accuracy (%)")
+  for ax in (loss_ax, acc_ax):
+    ax.grid(alpha=0.3)
+  loss_ax.legend(["train loss"])
+  acc_ax.legend()
+  return _save(fig, path)
+
+
+def pretrain_section(workdir: pathlib.Path, config: dict | None, plots: pathlib.Path) -> str:
+  path = workdir / pretrain.METRICS_FILE
+  if not path.exists():
+    return f"## Pre-training\n\nNo `{pretrain.METRICS_FILE}` in the work dir (no pre-training)."
+  train, test = read_metrics(path)
+  if not test or not train:
+    return f"## Pre-training\n\n`{pretrain.METRICS_FILE}` holds no complete epoch yet."
+  probe_lr = config["train"]["probe_lr"] if config else "see config"
+  dataset = config["data"]["name"] if config else "the"
+  rows = []
+  for r in test:
+    loss = [t["loss"] for t in train if t["step"] <= r["step"]]
+    rows.append([r["epoch"], r["step"], _num(loss[-1] if loss else None)])
+    rows[-1] += [_pct(r["probe_top1"]), _pct(r.get("probe_top5"))]
+  header = ["epoch", "step", "train loss", "probe top-1 (%)", "probe top-5 (%)"]
+  return "\n\n".join(
+    [
+      "## Pre-training",
+      f"Protocol: the online linear probe is trained during pre-training on the stop-gradient "
+      f"pooled `layer4` embedding of the augmented views (SGD momentum 0.9, lr {probe_lr}) and "
+      f"tested on the whole {dataset} test split (non-augmented images). Train loss: the SSL loss "
+      "averaged over the last log interval before the epoch's end.",
+      f"![pre-training]({plot_pretrain(train, test, plots / 'pretrain.png')})",
+      _table(header, rows),
+    ]
+  )
+
+
+# ----------------------------------------------------------------------------- monitor plots
+
+
+def _x(curves: dict) -> tuple[np.ndarray, str]:
+  epochs = curves["epoch"]
+  return (epochs, "epoch") if not np.any(np.isnan(epochs)) else (curves["step"], "step")
+
+
+def _style(ax, x: np.ndarray) -> None:
+  ax.grid(alpha=0.3)
+  if len(x) <= 12:  # few checkpoints: a tick at each, not at fractional epochs
+    ax.set_xticks(x)
+
+
+def _normalized(values: np.ndarray) -> np.ndarray:
+  try:
+    return overfitting.normalize(values)
+  except ValueError:  # nothing measured, or no positive value: nothing to draw
+    return np.full(values.shape, np.nan)
+
+
+def plot_accuracy(curves: dict, accuracies: list[str], path: pathlib.Path) -> str:
+  x, xlabel = _x(curves)
+  fig, axes = _figure("Test accuracy per layer across checkpoints", 1, len(accuracies))
+  colors = _colors(len(curves["layers"]))
+  for ax, acc in zip(axes, accuracies, strict=True):
+    for color, (layer, values) in zip(colors, curves["layers"].items(), strict=True):
+      ax.plot(x, 100 * values[f"{acc}_top1"], "o-", color=color, label=layer)
+    ax.set(title=f"{_ACC[acc]} top-1", xlabel=xlabel, ylabel="test top-1 accuracy (%)")
+    _style(ax, x)
+    ax.legend(title="layer")
+  return _save(fig, path)
+
+
+def plot_rate_reduction(curves: dict, path: pathlib.Path) -> str:
+  x, xlabel = _x(curves)
+  fig, (ax,) = _figure("Label-free ΔR per layer across checkpoints (divided by its maximum)")
+  layers = curves["layers"]
+  for color, (layer, values) in zip(_colors(len(layers)), layers.items(), strict=True):
+    ax.plot(x, _normalized(values["delta"]), "s-", color=color, label=layer)
+  ax.set(xlabel=xlabel, ylabel="ΔR / max ΔR")
+  _style(ax, x)
+  ax.legend(title="layer")
+  return _save(fig, path)
+
+
+def plot_correlation(curves: dict, analysis: dict, accuracies, path: pathlib.Path) -> str:
+  x, xlabel = _x(curves)
+  layers = list(curves["layers"])
+  title = "Accuracy and ΔR across checkpoints (each divided by its maximum)"
+  fig, axes = _figure(title, -(-len(layers) // 2), min(len(layers), 2))
+  styles = {"knn": ("o-", "tab:blue"), "linear": ("^--", "tab:orange")}
+  for ax, layer in zip(axes, layers, strict=False):
+    values, pearson = curves["layers"][layer], analysis[layer]["pearson"]
+    for acc in accuracies:
+      marker, color = styles[acc]
+      y = _normalized(values[f"{acc}_top1"])
+      ax.plot(x, y, marker, color=color, label=f"{_ACC[acc]} top-1")
+    ax.plot(x, _normalized(values["delta"]), "s:", color="tab:green", label="ΔR")
+    r = ", ".join(f"r({_ACC[a]}, ΔR) = {_num(pearson[a], 2)}" for a in accuracies)
+    ax.set(title=f"{layer}: {r}", xlabel=xlabel, ylabel="value / max")
+    _style(ax, x)
+    ax.legend(fontsize=8)
+  for ax in axes[len(layers) :]:
+    ax.set_visible(False)
+  return _save(fig, path)
+
+
+def plot_pearson(analysis: dict, accuracies, path: pathlib.Path) -> str:
+  fig, (ax,) = _figure("Pearson's r of test accuracy and ΔR across checkpoints (cf. Table 11)")
+  layers, width = list(analysis), 0.8 / len(accuracies)
+  for i, acc in enumerate(accuracies):
+    r = np.array([analysis[layer]["pearson"][acc] for layer in layers])
+    offset = (i - (len(accuracies) - 1) / 2) * width
+    label = f"{_ACC[acc]} top-1 vs ΔR"
+    bars = ax.bar(np.arange(len(layers)) + offset, np.nan_to_num(r), width, label=label)
+    ax.bar_label(bars, labels=[_num(v, 2) for v in r], padding=2)
+  ax.axhline(0, color="black", linewidth=0.8)
+  ax.set(xticks=range(len(layers)), xticklabels=layers, ylim=(-1.1, 1.15))
+  ax.set(xlabel="layer", ylabel="Pearson's r")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_cost(cost: dict, path: pathlib.Path) -> str:
+  fig, (ax,) = _figure("Wall-clock cost per checkpoint of each signal (cf. Table 9)")
+  names = list(cost)
+  bars = ax.barh(names, [cost[n]["median"] for n in names], color="tab:purple")
+  ax.bar_label(bars, labels=[f"{cost[n]['median']:.3g} s" for n in names], padding=3)
+  ax.set(xlabel="seconds per checkpoint (median over checkpoints)", ylabel="signal")
+  ax.invert_yaxis()
+  ax.grid(alpha=0.3, axis="x")
+  return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- monitor tables
+
+
+def _protocol_lines(protocol: dict) -> str:
+  names = {"knn": "kNN", "linear": "Linear probe", "rate_reduction": "ΔR (label-free)"}
+  lines = [f"- Layers: {', '.join(protocol['layers'])}."]
+  for key, name in names.items():
+    if key in protocol:
+      lines.append(f"- {name}: {_items(protocol[key])}")
+  return "\n".join(lines)
+
+
+def layer_tables(curves: dict, analysis: dict) -> str:
+  """One table per layer: step, epoch, kNN and linear top-1, ΔR; each column's peak in bold."""
+  columns = {"knn_top1": ("kNN top-1 (%)", _pct), "linear_top1": ("linear top-1 (%)", _pct)}
+  columns.update(delta=("ΔR", _num), rate=("R", _num), compressed=("R^c", _num))
+  parts = []
+  for layer, values in curves["layers"].items():
+    shown = {k: c for k, c in columns.items() if k in analysis[layer]["peak"]}
+    rows = []
+    for i, (step, epoch) in enumerate(zip(curves["step"], curves["epoch"], strict=True)):
+      row = [int(step), f"{epoch:g}"]
+      for k, (_, fmt) in shown.items():
+        cell = fmt(values[k][i])
+        row.append(f"**{cell}**" if k in _BOLD and analysis[layer]["peak"][k] == i else cell)
+      rows.append(row)
+    header = ["step", "epoch", *(name for name, _ in shown.values())]
+    parts.append(f"### {layer}\n\n" + _table(header, rows))
+  return "\n\n".join(parts)
+
+
+def correlation_table(analysis: dict, accuracies, count: int) -> str:
+  rows = [
+    [layer] + [_num(info["pearson"][a], 3) for a in accuracies] for layer, info in analysis.items()
+  ]
+  header = ["layer", *(f"r({_ACC[a]} top-1, ΔR)" for a in accuracies)]
+  return (
+    _table(header, rows) + f"\n\nPearson's r over the {count} checkpoints' curves "
+    "(n/a: fewer than 2 checkpoints or a constant curve). The paper's Table 11 reports 0.92-0.98 "
+    "(every 5 epochs, 5 methods, 5 data sets)."
+    + (" With 2 checkpoints r is ±1 by construction." if count == 2 else "")
+  )
+
+
+def early_stopping_section(curves: dict, analysis: dict, accuracies) -> str:
+  x, unit = _x(curves)
+  at = lambda i: f"{unit} {x[i]:g}, step {curves['step'][i]}"
+  rows, headline = [], []
+  for layer, info in analysis.items():
+    for acc in accuracies:
+      e = info["early_stopping"][acc]
+      best = f"{_pct(e['best_accuracy'])} at {at(e['best'])}"
+      rows.append([layer, _ACC[acc], at(e["chosen"]), _pct(e["chosen_accuracy"]), best])
+      rows[-1] += [_pct(e["gap"]), _pct(e["final_accuracy"])]
+  last = list(analysis)[-1]
+  for acc in accuracies:
+    e = analysis[last]["early_stopping"][acc]
+    headline.append(
+      f"{_ACC[acc]} top-1 {_pct(e['chosen_accuracy'])}% there, {_pct(e['gap'])} points below "
+      f"the best checkpoint ({_pct(e['best_accuracy'])}% at {at(e['best'])}); the last "
+      f"checkpoint scores {_pct(e['final_accuracy'])}%"
+    )
+  chosen = at(analysis[last]["early_stopping"][accuracies[0]]["chosen"]) if accuracies else ""
+  header = ["layer", "accuracy", "ΔR peak (kept)", "its top-1 (%)", "best top-1 (%)"]
+  header += ["gap (points)", "last checkpoint (%)"]
+  suggestion = (
+    f"Label-free suggestion: keep the checkpoint at {chosen}, the ΔR peak of the last "
+    f"monitored layer ({last}), chosen without labels. " + "; ".join(headline) + "."
+  )
+  return f"{suggestion}\n\n{_table(header, rows)}"
+
+
+def peak_table(curves: dict, analysis: dict) -> str:
+  x, unit = _x(curves)
+  names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "delta": "ΔR"}
+  names = {k: n for k, n in names.items() if any(k in info["peak"] for info in analysis.values())}
+  rows = []
+  for layer, info in analysis.items():
+    row = [layer]
+    for k in names:
+      values, i = curves["layers"][layer][k], info["peak"][k]
+      drop = values[i] - values[-1]
+      text = _pct(drop) + " points" if k != "delta" else _num(drop)
+      row.append(f"{x[i]:g} " + ("(the last)" if i == len(x) - 1 else f"(last: {text} lower)"))
+    rows.append(row)
+  header = ["layer", *(f"{name} peak {unit}" for name in names.values())]
+  return _table(header, rows) + (
+    "\n\nAn early layer whose curves stay at their peak while the last layer's fall after it is "
+    "the paper's overfitting pattern (Section 4)."
+  )
+
+
+def cost_summary(result: dict) -> dict:
+  """`{part: {'median', 'first'}}` of the seconds per checkpoint in `result`.
+
+  Parts: the measured ones of `COST_ROWS`, plus 'knn + features' and 'linear + features' (the
+  paper's Table 9 times each evaluation with its features). The median skips the first
+  checkpoint (its time includes compilation) unless it is the only one.
+  """
+  entries = sorted(result["checkpoints"].values(), key=lambda e: e["step"])
+  seconds = [dict(e["seconds"]) for e in entries]
+  for s in seconds:
+    s.update({f"{a} + features": s[a] + s["features"] for a in _ACC if a in s and "features" in s})
+  cost = {}
+  for part in [*COST_ROWS, *(f"{a} + features" for a in _ACC)]:
+    values = [s[part] for s in seconds if part in s]
+    if values:
+      cost[part] = {"median": float(np.median(values[1:] or values)), "first": values[0]}
+  return cost
+
+
+def cost_table(cost: dict) -> str:
+  rows = []
+  for k, c in cost.items():
+    what = COST_ROWS.get(k, f"{k.split()[0]} and the forward pass of its train and test images")
+    rows.append([k, f"{c['median']:.3g}", f"{c['first']:.3g}", PAPER_COST.get(k, "-"), what])
+  header = ["signal", "median s / checkpoint", "first checkpoint s", "paper s", "what it times"]
+  return _table(header, rows) + (
+    "\n\nMedian over the checkpoints after the first, whose time includes compilation. Paper: "
+    "Table 9, one V100, CIFAR-10, linear 500 epochs, kNN k = 5 (each with its features: compare "
+    "the paper's kNN and linear with the '+ features' rows)."
+  )
+
+
+def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
+  path = workdir / monitor.MONITOR_FILE
+  if not path.exists():
+    return f"## Layer-wise monitor\n\nNo `{path.name}` in the work dir (stage `monitor`)."
+  result = json.loads(path.read_text())
+  if not result.get("checkpoints"):
+    return f"## Layer-wise monitor\n\n`{path}` holds no measured checkpoint."
+  curves, analysis = overfitting.curves(result), overfitting.analyse(result)
+  protocol, count = result["protocol"], len(result["checkpoints"])
+  accuracies = [a for a in overfitting.ACCURACIES if a in protocol["signals"]]
+  has_delta = "rate_reduction" in protocol["signals"]
+  parts = [
+    "## Layer-wise monitor",
+    f"Encoder: {result['encoder']} ({count} checkpoints"
+    + (f" of `{result['checkpoint_dir']}`" if result.get("checkpoint_dir") else "")
+    + "). Test accuracy and ΔR of each layer's pooled features at each checkpoint (Section 4 of "
+    "the paper). Protocol of every number below:",
+    _protocol_lines(protocol),
+    layer_tables(curves, analysis),
+  ]
+  if accuracies:
+    parts.append(f"![accuracy]({plot_accuracy(curves, accuracies, plots / 'accuracy.png')})")
+  if has_delta:
+    parts.append(f"![ΔR]({plot_rate_reduction(curves, plots / 'rate_reduction.png')})")
+  parts += ["### Peaks", peak_table(curves, analysis)]
+  if accuracies and has_delta:
+    figure = plot_correlation(curves, analysis, accuracies, plots / CORRELATION_PNG)
+    parts += ["### Correlation of accuracy and ΔR (Table 11)", f"![accuracy and ΔR]({figure})"]
+    parts += [correlation_table(analysis, accuracies, count)]
+    parts += [f"![Pearson]({plot_pearson(analysis, accuracies, plots / 'pearson.png')})"]
+    parts += ["### Early stopping by ΔR", early_stopping_section(curves, analysis, accuracies)]
+  cost = cost_summary(result)
+  parts += ["### Cost of each signal (Table 9)", cost_table(cost)]
+  parts += [f"![cost]({plot_cost(cost, plots / 'cost.png')})"]
+  return "\n\n".join(parts)
+
+
+def evaluation_section(workdir: pathlib.Path) -> str | None:
+  """Top-1/top-5 of the `evaluate` stage's `evaluation.json` with each protocol; None if absent."""
+  path = workdir / evaluate.RESULTS_FILE
+  if not path.exists():
+    return None
+  results, rows, protocols = json.loads(path.read_text()), [], {}
+  for encoder, entry in results.items():
+    for layer, by_protocol in entry["layers"].items():
+      for name, r in by_protocol.items():
+        rows.append([encoder, entry["step"], layer, name, _pct(r["top1"]), _pct(r["top5"])])
+        protocols.setdefault(name, {k: v for k, v in r["protocol"].items() if k != "layer"})
+  header = ["encoder", "step", "layer", "protocol", "top-1 (%)", "top-5 (%)"]
+  lines = "\n".join(f"- {name}: {_items(p)}" for name, p in protocols.items())
+  intro = f"From `{evaluate.RESULTS_FILE}` (stage `evaluate`): frozen pooled features, test split."
+  return f"## Evaluation of the last checkpoints\n\n{intro}\n\n{_table(header, rows)}\n\n{lines}"
+
+
+def write(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Writes `report.md` and `plots/*.png` in `workdir` from its files; returns the report path."""
+  workdir = pathlib.Path(workdir)
+  plots = workdir / PLOTS_DIR
+  plots.mkdir(parents=True, exist_ok=True)
+  for name in PLOTS:
+    (plots / name).unlink(missing_ok=True)
+  config_path = workdir / CONFIG_FILE
+  config = json.loads(config_path.read_text()) if config_path.exists() else None
+  run = "unknown (no config.json)"
+  if config:
+    run = (
+      f"method `{config['method']['name']}`, data `{config['data']['name']}`, model "
+      f"`{config['model']['name']}` (width {config['model']['width']}), seed {config['seed']}"
+    )
+  sections = [
+    f"# Report: {workdir.name}",
+    f"Run: {run}. Work dir: `{workdir}`.",
+    pretrain_section(workdir, config, plots),
+    monitor_section(workdir, plots),
+    evaluation_section(workdir),
+  ]
+  path = workdir / REPORT_FILE
+  path.write_text("\n\n".join(s for s in sections if s) + "\n")
+  return path
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The `report` stage of `umm_jax.main`: `report.md` and its plots from the work dir's files."""
+  del config  # the report reads the work dir's config.json, as a notebook would
+  if jax.process_index() == 0:
+    print(f"report written to {write(workdir)}")
