@@ -263,3 +263,14 @@ def test_save_rejects_bad_input(tmp_path):
   with checkpoint.Checkpointer(tmp_path, read_only=True) as ckpt:
     with pytest.raises(ValueError, match="read-only"):
       ckpt.save(4, _state(False), metadata={})
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+  # orbax itself rejects relative paths; work dirs such as runs/demo are relative.
+  monkeypatch.chdir(tmp_path)
+  state = {"w": np.arange(3.0, dtype=np.float32)}
+  with checkpoint.Checkpointer("runs/demo/checkpoints") as ckpt:
+    ckpt.save(5, state, metadata={"epoch": 1})
+  with checkpoint.Checkpointer("runs/demo/checkpoints", read_only=True) as ckpt:
+    assert ckpt.directory == str(tmp_path / "runs/demo/checkpoints")
+    np.testing.assert_array_equal(ckpt.restore_raw(5)["w"], state["w"])

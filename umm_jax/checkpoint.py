@@ -115,7 +115,9 @@ class Checkpointer:
     """
     if max_to_keep is not None and not (_is_int(max_to_keep) and max_to_keep >= 1):
       raise ValueError(f"max_to_keep must be None or a positive int, got {max_to_keep!r}.")
-    self._directory = os.fspath(directory)
+    directory = os.fspath(directory)
+    # orbax refuses relative paths; URLs (gs://...) are left as they are.
+    self._directory = directory if "://" in directory else os.path.abspath(directory)
     self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
       # The caller decides the cadence; orbax's save-decision policy must not skip a step.
