@@ -89,12 +89,49 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict(
     dict(
       layers=("embedding",),  # umm_jax.evaluate.FEATURE_LAYERS; the paper reports the last layer
+      # Also "semi_1pct" / "semi_10pct": fine-tuning on 1% / 10% of the labels (umm_jax.finetune).
       protocols=("knn_k5", "knn_k200_t0.1", "linear"),
       linear_epochs=500,  # the paper's 500; fewer keep CPU demos short (recorded per result)
+      semi_epochs=50,  # semi-supervised fine-tuning epochs (the paper: 50)
       batch_size=512,  # images per forward pass when extracting features
     )
   )
 
-  # UMM: the encoder is split after `split` (f_early frozen, the later stages tuned).
-  c.umm = ml_collections.ConfigDict(dict(split="layer2"))
+  # UMM (umm_jax.umm, the `umm` stage): the encoder is split after `split`; f_early is frozen and
+  # θ = f_late + heads is tuned on the pre-training data by the bi-level step of spec section 4:
+  # L_in = L_SSL + β·JS(P_e ‖ P_l), L_out = L_SSL − α·ΔR(Z_l), hyper-gradient of L_out(θ*(θ)).
+  c.umm = ml_collections.ConfigDict(
+    dict(
+      split="layer2",  # last stage of f_early: 'stem', 'layer1', 'layer2' or 'layer3'
+      # 'umm'; 'no_rate' (α = 0, the paper's *); 'no_js' (β = 0, **); 'joint' (one gradient of
+      # L_SSL + β·JS − α·ΔR, Table 10 "+ +"); 'interleaved' (from scratch over train.epochs, each
+      # step an SSL step on all parameters then a UMM step on θ, Table 10 "& UMM").
+      variant="umm",
+      alpha=1.0,  # α, weight of ΔR in the outer loss
+      beta=0.1,  # β, weight of the JS term in the inner loss
+      epochs=200,  # UMM epochs over the pre-training set ('interleaved' uses train.epochs)
+      hypergrad="implicit",  # 'implicit', 'unrolled' or 'finite_difference' (umm_jax.implicit)
+      inner_steps=1,  # K: fixed-point iterations ('implicit') or inner gradient steps (others)
+      inner_lr=0.01,  # η, the inner (proximal) step size
+      cg_maxiter=10,  # 'implicit': cap on conjugate-gradient iterations of the backward solve
+      cg_ridge=1e-4,  # 'implicit': ridge added to I + η·H (the Hessian may be indefinite)
+      cg_tol=1e-5,  # 'implicit': relative residual at which conjugate gradients stops
+      keep_inner_step=False,  # True: apply the outer update to θ* (authors' code), not to θ
+      volume="sketch",  # log-volume estimator of the JS term: 'exact', 'sketch', 'grad_norm'
+      num_directions=16,  # k, random output directions of the 'sketch' estimator
+      volume_ridge=1e-6,  # added to the Jacobian Gram's diagonal (keeps rank-deficient ones finite)
+      volume_chunk=0,  # views per batched log-volume factorisation; 0: 1 on CPU, all elsewhere
+      membership="soft",  # ΔR groups: 'soft' (every view anchors one, τ below) or 'instance'
+      temperature=0.1,  # τ of the soft membership
+      eps2=0.5,  # ε² of the coding rate
+      group_block=0,  # ΔR groups factorised at a time; 0: 1 on CPU, crr's default elsewhere
+      # The outer optimiser: optim.create with config.optim overridden by these keys.
+      optimizer="",  # umm_jax.optim.OPTIMIZERS; "": optim.name, else the method's own family
+      lr=0.01,  # peak learning rate of θ (absolute: not scaled by the batch size)
+      weight_decay=0.0,  # fine-tuning starts from trained weights: no decay unless asked
+      schedule="cosine",  # umm_jax.optim.SCHEDULES, over the UMM run
+      warmup_epochs=0.0,  # 'warmup_cosine' only
+      checkpoint_every_epochs=10,  # <workdir>/umm/checkpoints cadence (and at the end)
+    )
+  )
   return c

@@ -349,6 +349,8 @@ def test_stage_evaluates_the_last_checkpoint_of_each_encoder(tmp_path):
   config = test_config.get_config()
   config.evaluate.linear_epochs = 3
   config.evaluate.layers = ("layer2", "embedding")
+  config.evaluate.protocols = ("knn_k5", "linear", "semi_10pct")
+  config.evaluate.semi_epochs = 1
   state = pretrain.pretrain(config, tmp_path)
   out = evaluate.run_stage(config, tmp_path)
   assert list(out) == ["baseline"]  # no UMM run in this work dir
@@ -371,3 +373,6 @@ def test_stage_evaluates_the_last_checkpoint_of_each_encoder(tmp_path):
   got = out["baseline"]["layers"]["layer2"]["knn_k5"]
   assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
   assert out["baseline"]["layers"]["embedding"]["linear"]["protocol"]["epochs"] == 3
+  semi = out["baseline"]["semi_supervised"]["semi_10pct"]
+  assert semi["protocol"]["fraction"] == 0.1 and semi["protocol"]["epochs"] == 1
+  assert 0 <= semi["top1"] <= semi["top5"] <= 1

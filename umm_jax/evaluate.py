@@ -414,19 +414,43 @@ def run_stage(config, workdir) -> dict:
       if not steps:
         continue
       variables, _ = pretrain.load_backbone(ckpt, steps[-1])
+    probes = [p for p in cfg.protocols if not p.startswith("semi")]
     layers = evaluate_encoder(
-      model, variables, train_set, test_set, layers=tuple(cfg.layers), protocols=cfg.protocols,
+      model, variables, train_set, test_set, layers=tuple(cfg.layers), protocols=probes,
       image_size=config.data.image_size, batch_size=cfg.batch_size,
       overrides={"linear": {"epochs": cfg.linear_epochs}},
     )  # fmt: skip
     out[name] = {"step": steps[-1], "checkpoint": str(directory / str(steps[-1])), "layers": layers}
+    semi = [p for p in cfg.protocols if p.startswith("semi")]
+    if semi:
+      out[name]["semi_supervised"] = _semi_supervised(
+        model, variables, train_set, test_set, semi, config=config
+      )
   if not out:
     raise ValueError(f"evaluate: no checkpoints under {workdir}; run the pretrain stage first")
   (workdir / RESULTS_FILE).write_text(json.dumps(out, indent=2))
   lines = [f"{'encoder':10s} {'layer':10s} {'protocol':14s} {'top1':>7s} {'top5':>7s}"]
   for name, entry in out.items():
-    for layer, results in entry["layers"].items():
+    rows = [(layer, results) for layer, results in entry["layers"].items()]
+    rows += [("embedding", entry.get("semi_supervised", {}))]
+    for layer, results in rows:
       for proto, r in results.items():
         lines.append(f"{name:10s} {layer:10s} {proto:14s} {r['top1']:7.4f} {r['top5']:7.4f}")
   print("\n".join(lines) + f"\n(written to {workdir / RESULTS_FILE})")
   return out
+
+
+def _semi_supervised(model, variables, train_set, test_set, names, *, config) -> dict:
+  """`{protocol: metrics}` of `finetune.fine_tune` for each 'semi_*' protocol in `names`."""
+  from umm_jax import finetune  # finetune builds on this module's features and accuracies
+
+  mean, std = train_set.channel_stats()
+  results = {}
+  for name in names:
+    kwargs = {**protocol(name), "epochs": config.evaluate.semi_epochs}
+    results[name] = finetune.fine_tune(
+      model, variables, train_set.images, train_set.labels, test_set.images, test_set.labels,
+      num_classes=train_set.num_classes, image_size=config.data.image_size, mean=mean, std=std,
+      seed=config.seed, **kwargs,
+    ).metrics  # fmt: skip
+  return results

@@ -13,17 +13,19 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umm_jax import crr, data, evaluate, methods, monitor, optim, pretrain, report
+from umm_jax import crr, data, evaluate, methods, monitor, optim, pretrain, report, umm, umm_stage
 from umm_jax.models import resnet
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
   "pretrain": pretrain.run_stage,
   "monitor": monitor.run_stage,
+  "umm": umm_stage.run_stage,
   "evaluate": evaluate.run_stage,
   "report": report.run_stage,
 }
 DTYPES = ("float32", "bfloat16")
-EVALUATE_PROTOCOLS = ("knn_k5", "knn_k200_t0.1", "linear")  # the evaluate stage's probes
+# The evaluate stage's protocols (umm_jax.evaluate.PROTOCOLS).
+EVALUATE_PROTOCOLS = ("knn_k5", "knn_k200_t0.1", "linear", "semi_1pct", "semi_10pct")
 _POSITIVE_TRAIN_KEYS = (
   "epochs",
   "batch_size",
@@ -53,6 +55,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   model = resnet.create(config.model.name, stem=config.model.stem, width=config.model.width)
   _check("dtype", config.model.dtype, DTYPES)
   resnet.split(model, config.umm.split)
+  umm.Settings.from_config(config.umm)  # names and ranges of the UMM hyper-parameters
+  if config.umm.optimizer:
+    _check("UMM optimizer", config.umm.optimizer, optim.OPTIMIZERS)
+  _check("UMM schedule", config.umm.schedule, optim.SCHEDULES)
+  for key in ("epochs", "checkpoint_every_epochs"):
+    if config.umm[key] < 1:
+      raise ValueError(f"config.umm.{key} must be a positive integer, got {config.umm[key]}")
   for layer in config.monitor.layers:
     _check("monitor layer", layer, resnet.STAGES)
   _check("membership", config.monitor.membership, crr.MEMBERSHIPS)
