@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from umm_jax import checkpoint, data, pretrain
+from umm_jax import checkpoint, data, parallel, pretrain
 
 
 def _params(state):
@@ -55,23 +55,24 @@ def test_writes_checkpoints_and_metrics(uninterrupted):
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path, monkeypatch):
-  # SIGTERM after the 5th batch (mid-epoch 2): the loop saves step 5 and stops; rerunning the
-  # same command resumes there and must end where the uninterrupted run ended.
+  # SIGTERM while the 6th batch is put on the devices (mid-epoch 2): the loop finishes step 6,
+  # saves it and stops; rerunning the same command resumes there and must end where the
+  # uninterrupted run ended. (The host batches come from a prefetch thread, so the signal is
+  # sent from the main thread, where the loop assembles each global batch: two calls a step.)
   _, reference = uninterrupted
-  real_batches = data.batches
-  seen = []
+  real_global_batch = parallel.global_batch
+  calls = []
 
-  def batches_then_sigterm(*args, **kwargs):
-    for batch in real_batches(*args, **kwargs):
-      seen.append(1)
-      if len(seen) == 6:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
+  def global_batch_then_sigterm(local, mesh):
+    calls.append(1)
+    if len(calls) == 11:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_global_batch(local, mesh)
 
-  monkeypatch.setattr(data, "batches", batches_then_sigterm)
+  monkeypatch.setattr(parallel, "global_batch", global_batch_then_sigterm)
   with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
     pretrain.pretrain(_config(), tmp_path)
-  monkeypatch.setattr(data, "batches", real_batches)
+  monkeypatch.setattr(parallel, "global_batch", real_global_batch)
   ckpt = checkpoint.Checkpointer(tmp_path / pretrain.CHECKPOINT_DIR, read_only=True)
   assert ckpt.all_steps() == [4, 6]
   assert ckpt.metadata(6)["interrupted_by"] == "SIGTERM"
