@@ -375,7 +375,13 @@ def evaluate_encoder(
   labelled = np.flatnonzero(np.asarray(train_set.labels) >= 0)
   feats = {
     split: extract_features(
-      model, variables, images, layers=layers, image_size=image_size, mean=mean, std=std,
+      model,
+      variables,
+      images,
+      layers=layers,
+      image_size=image_size,
+      mean=mean,
+      std=std,
       batch_size=batch_size,
     )  # fmt: skip
     for split, images in (("train", train_set.images[labelled]), ("test", test_set.images))
