@@ -31,4 +31,11 @@ def get_config():
   c.monitor.num_images = 64
   c.monitor.chunk_size = 32
   c.monitor.batch_size = 64
+  c.umm.epochs = 1  # UMM: one epoch (4 steps) from the last pre-training checkpoint
+  c.umm.split = "layer3"  # the smallest f_late (layer4): the step compiles fastest
+  c.umm.num_directions = 4
+  c.umm.cg_maxiter = 3
+  c.umm.inner_lr = 1e-3
+  c.umm.lr = 1e-3
+  c.umm.checkpoint_every_epochs = 1
   return c
