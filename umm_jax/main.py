@@ -13,7 +13,19 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umm_jax import crr, data, evaluate, methods, monitor, optim, pretrain, report, umm, umm_stage
+from umm_jax import (
+  crr,
+  data,
+  evaluate,
+  export,
+  methods,
+  monitor,
+  optim,
+  pretrain,
+  report,
+  umm,
+  umm_stage,
+)
 from umm_jax.models import resnet
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
@@ -22,6 +34,7 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
   "umm": umm_stage.run_stage,
   "evaluate": evaluate.run_stage,
   "report": report.run_stage,
+  "export": export.run_stage,
 }
 DTYPES = ("float32", "bfloat16")
 # The evaluate stage's protocols (umm_jax.evaluate.PROTOCOLS).
