@@ -117,6 +117,9 @@ RECIPES: dict[str, Recipe] = {
       ),
     ),
     Recipe("minimal", (ViewParams(), ViewParams())),
+    # ReSSL (Zheng et al. 2021): SimCLR's strong view for the student, a weak view (crop and
+    # flip only) for the teacher.
+    Recipe("ressl", (_SIMCLR_VIEW, ViewParams())),
   )
 }
 

@@ -1,9 +1,39 @@
 """The registry of self-supervised methods: one small module per method, a plain dict here."""
 
-from umm_jax.methods import barlow_twins, byol, moco, relic, simclr, simsiam, swav, vicreg, wmse
+from umm_jax.methods import (
+  barlow_twins,
+  byol,
+  corinfomax,
+  lmcl,
+  mec,
+  moco,
+  relic,
+  ressl,
+  simclr,
+  simsiam,
+  ssl_hsic,
+  swav,
+  vicreg,
+  wmse,
+)
 from umm_jax.methods.base import Method
 
-_MODULES = (simclr, moco, simsiam, byol, relic, barlow_twins, vicreg, wmse, swav)
+_MODULES = (
+  simclr,
+  moco,
+  simsiam,
+  byol,
+  relic,
+  barlow_twins,
+  vicreg,
+  wmse,
+  swav,
+  mec,
+  corinfomax,
+  ressl,
+  ssl_hsic,
+  lmcl,
+)
 REGISTRY: dict[str, Method] = {m.name: m for module in _MODULES for m in module.METHODS}
 
 
