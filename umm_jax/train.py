@@ -76,12 +76,15 @@ def init_state(
   features = model.apply(backbone, x, train=False)
   online = {"backbone": backbone, "heads": heads.init(k_heads, features, train=False)}
   probe = LinearClassifier(num_classes).init(k_probe, features["embedding"])
+  method_state = method.init_state(hp, k_state)
+  if method.second_view is not None:
+    method_state = {**method_state, **method.second_view.init(backbone["params"], hp)}
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     online=online,
     # A copy, not an alias: the step donates the state, and a buffer cannot be donated twice.
     target=jax.tree.map(jnp.copy, online) if method.target_momentum is not None else None,
-    method_state=method.init_state(hp, k_state),
+    method_state=method_state,
     opt_state=tx.init(_params(online)),
     probe=probe,
     probe_opt_state=probe_tx.init(probe["params"]),
@@ -94,16 +97,23 @@ def target_momentum(step: jax.Array, total_steps: int, base: float, final: float
   return final - (final - base) * (jnp.cos(math.pi * progress) + 1) / 2
 
 
-def _forward(model, heads, variables, x, method, train):
+def _forward(model, heads, variables, x, method, train, second_view=None):
   """Backbone and heads on each view of `x` `[2, n, H, W, C]`; outputs stacked to `[2, n, ...]`.
 
   The views pass one after the other, so BatchNorm normalises each view by its own batch
   statistics (and updates the running statistics twice) as in solo-learn and the BYOL, SimSiam
-  and MoCo code; concatenating the views would mix their statistics.
+  and MoCo code; concatenating the views would mix their statistics. `second_view`, a function of
+  the backbone's parameters, gives the parameters the second view runs with (SDCLR's pruning).
   """
   per_view = []
-  for view in x:
-    out, variables = _apply(model, variables, "backbone", view, train)
+  for v, view in enumerate(x):
+    backbone = variables["backbone"]
+    if v == 1 and second_view is not None:
+      backbone = {**backbone, "params": second_view(backbone["params"])}
+    out, updated = _apply(model, {**variables, "backbone": backbone}, "backbone", view, train)
+    # The online parameters stay; the BatchNorm statistics are updated by either view.
+    params = variables["backbone"]["params"]
+    variables = {**variables, "backbone": {**updated["backbone"], "params": params}}
     head_out, variables = _apply(heads, variables, "heads", out, train)
     keep = {"embedding": out["embedding"], **{k: out[k] for k in method.features}, **head_out}
     per_view.append(keep)
@@ -159,16 +169,24 @@ def make_train_step(
   recipe = method.recipe
 
   def loss_fn(params, state, views, geometry):
+    method_state, second_view = state.method_state, None
+    if method.second_view is not None:
+      method_state = method.second_view.update(params["backbone"], method_state, hp)
+      second_view = functools.partial(method.second_view.apply, state=method_state, hp=hp)
     online, online_vars = _forward(
-      model, heads, _with_params(state.online, params), views, method, train=True
+      model,
+      heads,
+      _with_params(state.online, params),
+      views,
+      method,
+      train=True,
+      second_view=second_view,
     )
     target, target_vars = None, None
     if state.target is not None:
       target, target_vars = _forward(model, heads, state.target, views, method, train=True)
       target = jax.lax.stop_gradient(target)
-    loss, metrics, method_state = method.objective(
-      {**online, **geometry}, target, state.method_state, hp
-    )
+    loss, metrics, method_state = method.objective({**online, **geometry}, target, method_state, hp)
     return loss, (metrics, method_state, online_vars, target_vars, online["embedding"])
 
   def step(state: TrainState, batch: dict, key: jax.Array):

@@ -28,6 +28,9 @@ switched-off term is left out of the loss, not multiplied by zero; 'joint' (Tabl
 plain gradient step on `L_SSL + β·JS − α·ΔR`; 'interleaved' (Table 10 "& UMM"): its step is
 `make_interleaved_step`, a normal SSL step on all parameters followed by this UMM step on `θ`.
 
+A method's `SecondView` (SDCLR's pruned branch) gives the parameters of the second view's
+f_early and f_late, as in pre-training.
+
 On CPU, two batched LAPACK factorisations in flight at once can deadlock XLA's thread pool (see
 `umm_jax.crr`). The losses therefore evaluate their terms in a fixed order, forward and backward
 (`_after`), and on the CPU backend the JS and ΔR factorisations run one matrix at a time in a
@@ -168,9 +171,15 @@ def ssl_loss(theta, ctx, parts: Parts, z_split: jax.Array | None = None):
   early = ctx["early"] if z_split is None else {**ctx["early"], at: z_split}
   late_vars = {**ctx["late_rest"], "params": theta["backbone"]}
   heads_vars = {**ctx["heads_rest"], "params": theta["heads"]}
+  second_view = parts.method.second_view
   per_view = []
   for v in range(2):
-    out, late_vars = _apply_train(parts.split.late, late_vars, early[at][v])
+    run = late_vars
+    if v == 1 and second_view is not None:  # SDCLR: the pruned branch, from θ and the mask
+      pruned = second_view.apply(late_vars["params"], ctx["method_state"], parts.hp)
+      run = {**late_vars, "params": pruned}
+    out, updated = _apply_train(parts.split.late, run, early[at][v])
+    late_vars = {**updated, "params": late_vars["params"]}
     features = {**{k: e[v] for k, e in early.items()}, **out}
     head_out, heads_vars = _apply_train(parts.heads.apply, heads_vars, features)
     keep = {"embedding": out["embedding"], **{k: features[k] for k in parts.method.features}}
@@ -304,8 +313,17 @@ def prepare(state: train.TrainState, batch: dict, key: jax.Array, parts: Parts, 
   x, geometry = views_fn(key, batch["image"])
   at = parts.settings.split
   early_vars, late_vars = resnet.split_variables(state.online["backbone"], at)
+  method_state, second_view = state.method_state, parts.method.second_view
+  if second_view is not None:
+    method_state = second_view.update(state.online["backbone"]["params"], method_state, parts.hp)
   # Inference mode: f_early's running statistics are read, never written.
-  per_view = [parts.model.apply(early_vars, view, train=False, stop=at) for view in x]
+  per_view = []
+  for v, view in enumerate(x):
+    variables = early_vars
+    if v == 1 and second_view is not None:
+      pruned = second_view.apply(early_vars["params"], method_state, parts.hp)
+      variables = {**early_vars, "params": pruned}
+    per_view.append(parts.model.apply(variables, view, train=False, stop=at))
   early = jax.lax.stop_gradient(jax.tree.map(lambda *v: jnp.stack(v), *per_view))
   target, target_vars = None, None
   if state.target is not None:
@@ -318,7 +336,7 @@ def prepare(state: train.TrainState, batch: dict, key: jax.Array, parts: Parts, 
     late_rest=_rest(late_vars),
     heads_rest=_rest(state.online["heads"]),
     target=target,
-    method_state=state.method_state,
+    method_state=method_state,
     geometry=geometry,
     js_key=jax.random.key_data(jax.random.fold_in(key, 1)),
   )

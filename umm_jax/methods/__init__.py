@@ -9,6 +9,7 @@ from umm_jax.methods import (
   moco,
   relic,
   ressl,
+  sdclr,
   simclr,
   simsiam,
   ssl_hsic,
@@ -33,6 +34,7 @@ _MODULES = (
   ressl,
   ssl_hsic,
   lmcl,
+  sdclr,
 )
 REGISTRY: dict[str, Method] = {m.name: m for module in _MODULES for m in module.METHODS}
 

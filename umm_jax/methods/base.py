@@ -17,11 +17,14 @@ target network when the method has one, and then the method's `objective`:
 - `hp`: the method's hyper-parameters (`defaults`, overridden by the config).
 The objective is a thin layer over the method's pure loss functions, which take arrays and
 keyword-only scalars and are tested against NumPy references.
+
+A method whose second view runs through a transformed copy of the online backbone (SDCLR's
+pruned branch) declares a `SecondView`; the training and UMM steps apply it.
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +35,26 @@ def no_state(hp: Mapping[str, Any], key: jax.Array) -> dict:
   """`init_state` of methods that keep no state between steps."""
   del hp, key
   return {}
+
+
+class SecondView(NamedTuple):
+  """The backbone parameters the second view runs with, derived from the online ones.
+
+  The two views share the BatchNorm statistics; gradients of the second view reach the online
+  parameters through `apply`.
+
+  Attributes:
+    init: `init(params, hp) -> dict`, entries added to the method state at initialisation, from
+      the backbone's initial parameters (SDCLR: the pruning mask).
+    update: `update(params, state, hp) -> state`, once per step before the forward passes, from
+      the online backbone's current parameters (SDCLR: the mask, refreshed once per epoch).
+    apply: `apply(params, state, hp) -> params`, the second view's parameters; `params` may hold
+      any subset of the backbone's top-level stages (UMM passes f_early's and f_late's apart).
+  """
+
+  init: Callable[[Mapping[str, Any], Mapping[str, Any]], dict]
+  update: Callable[[Mapping[str, Any], dict, Mapping[str, Any]], dict]
+  apply: Callable[[Mapping[str, Any], dict, Mapping[str, Any]], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +73,7 @@ class Method:
       schedule from base to final; `None` when the method has no target network.
     init_state: `init_state(hp, key) -> dict` of method state such as queues.
     features: backbone stages the objective reads besides `embedding` (VICRegL: `layer4`).
+    second_view: how the second view's backbone differs from the online one (SDCLR), or `None`.
   """
 
   name: str
@@ -61,6 +85,7 @@ class Method:
   target_momentum: tuple[float, float] | None = None
   init_state: Callable[[Mapping[str, Any], jax.Array], dict] = no_state
   features: tuple[str, ...] = ()
+  second_view: SecondView | None = None
 
 
 def split_views(x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
