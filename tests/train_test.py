@@ -58,7 +58,9 @@ def _setup(name: str):
     std=jnp.asarray(std),
     total_steps=10,
   )
-  return method, state, step, {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels)}
+  # `index`: each image's row in the data set, which methods with `batch_keys` (BCL-I) read.
+  batch = {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels), "index": jnp.arange(8)}
+  return method, state, step, batch
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))

@@ -385,7 +385,8 @@ def _method_setup(name: str):
   )
   common = dict(model=model, heads=heads, method=method, hp=hp, probe_tx=optax.sgd(0.1))
   common.update(num_classes=4, image_size=SIZE, mean=mean, std=std, total_steps=10)
-  batch = {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels)}
+  # `index`: each image's row in the data set, which methods with `batch_keys` (BCL-I) read.
+  batch = {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels), "index": jnp.arange(8)}
   return method, state, common, batch
 
 

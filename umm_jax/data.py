@@ -517,13 +517,15 @@ def batches(
   process_index: int = 0,
   process_count: int = 1,
   start_step: int = 0,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  with_index: bool = False,
+) -> Iterator[tuple[np.ndarray, ...]]:
   """This process's share of each global batch of `epoch`, from step `start_step` on.
 
   Global batch `s` is rows `[s * B, (s + 1) * B)` of `epoch_order`; process `p` of `P` gets its
   contiguous slice `[p * B / P, (p + 1) * B / P)` as `(images [B/P, H, W, C] uint8, labels
-  [B/P] int32)`, and reads only those images. Resuming at `start_step` skips earlier batches
-  without reading them.
+  [B/P] int32)`, and reads only those images; `with_index` appends the images' rows in `dataset`
+  (`[B/P]` int32, the sample identities BCL-I tracks). Resuming at `start_step` skips earlier
+  batches without reading them.
   """
   steps = steps_per_epoch(len(dataset.labels), global_batch)
   if global_batch % process_count or not 0 <= process_index < process_count:
@@ -539,7 +541,8 @@ def batches(
   def generate():
     for step in range(start_step, steps):
       rows = order[step * global_batch + process_index * local :][:local]
-      yield np.asarray(dataset.images[rows]), dataset.labels[rows]
+      batch = (np.asarray(dataset.images[rows]), dataset.labels[rows])
+      yield (*batch, rows.astype(np.int32)) if with_index else batch
 
   return generate()
 

@@ -128,6 +128,18 @@ def _apply(module, variables, part, x, train):
   return module.apply(variables[part], x, train=train), variables
 
 
+def batch_fields(batch: Mapping[str, jax.Array], method: Method) -> dict[str, jax.Array]:
+  """The fields `method.batch_keys` names, `{name: [n]}`; a `ValueError` names missing ones."""
+  missing = [k for k in method.batch_keys if k not in batch]
+  if missing:
+    raise ValueError(
+      f"Method {method.name!r} reads batch fields {missing} that this batch lacks (it holds "
+      f"{sorted(batch)}); the data loop must pass them ('index': data.batches(..., "
+      "with_index=True))"
+    )
+  return {k: batch[k] for k in method.batch_keys}
+
+
 def probe_loss(
   probe: Variables, embedding: jax.Array, labels: jax.Array, num_classes: int
 ) -> tuple[jax.Array, dict]:
@@ -161,9 +173,9 @@ def make_train_step(
   """The pure step `(state, batch, key) -> (state, metrics)`.
 
   `batch` holds `image` `[n, H, W, C]` uint8 and `label` `[n]` int32 (`-1`: unlabelled, used by
-  the probe only). `mean`/`std` `[C]` standardise the augmented views (values in [0, 1]) before
-  the backbone. `key` is the run's root key: the step folds in its own step number, so a resumed
-  run draws the same views as an uninterrupted one.
+  the probe only), and the fields `method.batch_keys` names. `mean`/`std` `[C]` standardise the
+  augmented views (values in [0, 1]) before the backbone. `key` is the run's root key: the step
+  folds in its own step number, so a resumed run draws the same views as an uninterrupted one.
   """
   hp = dict(hp)
   recipe = method.recipe
@@ -191,9 +203,17 @@ def make_train_step(
 
   def step(state: TrainState, batch: dict, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
+    fields = batch_fields(batch, method)
     views = augment.two_views(key, batch["image"], recipe=recipe, size=image_size)
-    x = (views["image"] - mean) / std
+    images = views["image"]
+    if method.transform_views is not None:
+      images = method.transform_views(
+        jax.random.fold_in(key, 1), images, state.method_state, fields, hp
+      )
+    x = (images - mean) / std
     geometry = {"box": views["box"], "flip": views["flip"]}
+    # The batch fields ride with the crop geometry into the objective's `online` dict.
+    geometry.update({k: jnp.broadcast_to(v, views["flip"].shape) for k, v in fields.items()})
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params = _params(state.online)
     (loss, aux), grads = grad_fn(params, state, x, geometry)

@@ -29,7 +29,8 @@ plain gradient step on `L_SSL + β·JS − α·ΔR`; 'interleaved' (Table 10 "& 
 `make_interleaved_step`, a normal SSL step on all parameters followed by this UMM step on `θ`.
 
 A method's `SecondView` (SDCLR's pruned branch) gives the parameters of the second view's
-f_early and f_late, as in pre-training.
+f_early and f_late, as in pre-training; its `batch_keys` fields reach the objective as there, but
+its `transform_views` (BCL-I's boosted augmentation) is not applied: UMM's views are the recipe's.
 
 On CPU, two batched LAPACK factorisations in flight at once can deadlock XLA's thread pool (see
 `umm_jax.crr`). The losses therefore evaluate their terms in a fixed order, forward and backward
@@ -311,6 +312,8 @@ def init_state(
 def prepare(state: train.TrainState, batch: dict, key: jax.Array, parts: Parts, views_fn):
   """`(θ, ctx, new target variables)` of one step: views, frozen early features, the target."""
   x, geometry = views_fn(key, batch["image"])
+  fields = train.batch_fields(batch, parts.method)
+  geometry = {**geometry, **{k: jnp.broadcast_to(v, x.shape[:2]) for k, v in fields.items()}}
   at = parts.settings.split
   early_vars, late_vars = resnet.split_variables(state.online["backbone"], at)
   method_state, second_view = state.method_state, parts.method.second_view

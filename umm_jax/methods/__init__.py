@@ -2,6 +2,7 @@
 
 from umm_jax.methods import (
   barlow_twins,
+  bcl_i,
   byol,
   corinfomax,
   lmcl,
@@ -35,6 +36,7 @@ _MODULES = (
   ssl_hsic,
   lmcl,
   sdclr,
+  bcl_i,
 )
 REGISTRY: dict[str, Method] = {m.name: m for module in _MODULES for m in module.METHODS}
 

@@ -19,7 +19,11 @@ The objective is a thin layer over the method's pure loss functions, which take 
 keyword-only scalars and are tested against NumPy references.
 
 A method whose second view runs through a transformed copy of the online backbone (SDCLR's
-pruned branch) declares a `SecondView`; the training and UMM steps apply it.
+pruned branch) declares a `SecondView`; the training and UMM steps apply it. A method that reads
+batch fields besides the images and labels names them in `batch_keys` (BCL-I: `index`, each
+image's row in the training set): the steps pass them, broadcast to `[2, n]`, in `online`, and to
+`transform_views`, which may change the augmented views from the method state (BCL-I's
+memorization-boosted augmentation).
 """
 
 import dataclasses
@@ -74,6 +78,11 @@ class Method:
     init_state: `init_state(hp, key) -> dict` of method state such as queues.
     features: backbone stages the objective reads besides `embedding` (VICRegL: `layer4`).
     second_view: how the second view's backbone differs from the online one (SDCLR), or `None`.
+    batch_keys: batch fields the method reads besides `image` and `label` (BCL-I: `index`).
+    transform_views: `transform_views(key, images, state, fields, hp) -> images`, applied by the
+      pre-training step to the augmented views `[2, n, S, S, C]` (floats in [0, 1], before
+      standardisation) with the method state and the `batch_keys` fields `{name: [n]}`; `None`
+      for most methods.
   """
 
   name: str
@@ -86,6 +95,8 @@ class Method:
   init_state: Callable[[Mapping[str, Any], jax.Array], dict] = no_state
   features: tuple[str, ...] = ()
   second_view: SecondView | None = None
+  batch_keys: tuple[str, ...] = ()
+  transform_views: Callable[..., jax.Array] | None = None
 
 
 def split_views(x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
