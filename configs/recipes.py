@@ -29,6 +29,13 @@ cosine, stepped every optimiser step.
   1.5e-6, eta 1e-3, 10 warm-up epochs, batch 4096).
 - RELIC v2 and VICRegL have no published recipe at these scales: they take BYOL's and VICReg's
   optimiser settings (`ALIASES`) with their own module defaults for the heads.
+- CIFAR-10-LT / CIFAR-100-LT ("cifar_lt", the UMM paper's Table 8): the long-tail subsets of Cao
+  et al. 2019 with imbalance ratio 100 (`umm_jax.data.long_tail`; 12,406 and 10,847 images) and
+  the recipe of SDCLR's and BCL's CIFAR-LT scripts (VITA-Group/SDCLR
+  `cmds/shell_scrips/cifar-10-LT.sh`, MediaBrain-SJTU/BCL `bash_scripts/cifar-LT-BCL.sh`):
+  ResNet-18, batch 512, 2000 epochs, SGD with lr 0.5 at batch 512, 10 warm-up epochs then cosine,
+  weight decay 1e-4 (SimCLR, SDCLR) or 5e-4 (BCL), τ = 0.2, a 512 → 128 projector. Those
+  scripts read fixed index files of their subsets; here the subset is a seeded draw per class.
 """
 
 import dataclasses
@@ -37,6 +44,7 @@ from typing import Any
 import ml_collections
 
 from configs import default
+from umm_jax import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,16 @@ class DataSet:
   train_images: int  # images per pre-training epoch (SwAV's step schedules depend on it)
   family: str  # key of RECIPES
   train_split: str = "train"  # the split pre-training reads
+  long_tail_ratio: float = 0.0  # > 0: the long-tail subset of the train split (data.long_tail)
+
+
+LONG_TAIL_RATIO = 100.0
+_LT = dict(long_tail_ratio=LONG_TAIL_RATIO)
+
+
+def _lt_size(per_class: int, num_classes: int) -> int:
+  """Images in the long-tail subset of a balanced set with `per_class` images in each class."""
+  return int(data.long_tail_counts(per_class, num_classes, LONG_TAIL_RATIO).sum())
 
 
 DATASETS = {
@@ -67,6 +85,13 @@ DATASETS = {
   ),
   "imagenet": DataSet(
     "imagenet2012", 224, "resnet50", "imagenet", 1000, 4096, 1_281_167, "imagenet"
+  ),
+  # Imbalance ratio 100: class c keeps 5000 · 100^(−c/9) (CIFAR-10) or 500 · 100^(−c/99) images.
+  "cifar10_lt": DataSet(
+    "cifar10", 32, "resnet18", "cifar", 2000, 512, _lt_size(5000, 10), "cifar_lt", **_LT
+  ),
+  "cifar100_lt": DataSet(
+    "cifar100", 32, "resnet18", "cifar", 2000, 512, _lt_size(500, 100), "cifar_lt", **_LT
   ),
 }
 
@@ -131,6 +156,9 @@ def _large_batch_lars(base_lr: float, weight_decay: float) -> dict[str, Any]:
     warmup_start_lr=0.0,
   )
 
+
+# SimCLR's heads and temperature in SDCLR's and BCL's CIFAR-LT scripts.
+_LT_SIMCLR = dict(proj_hidden_dim=512, proj_output_dim=128, temperature=0.2)
 
 # family -> method -> {"optim": ..., "method": ..., "train": ...} overrides of the config blocks.
 RECIPES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
@@ -228,6 +256,11 @@ RECIPES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
       method=dict(proj_hidden_dim=1024, proj_output_dim=64, w_size=128),
     ),
   },
+  "cifar_lt": {
+    "simclr": dict(optim=_sgd(0.25, 1e-4), method=dict(_LT_SIMCLR)),
+    "sdclr": dict(optim=_sgd(0.25, 1e-4), method=dict(_LT_SIMCLR, prune_ratio=0.9)),
+    "bcl_i": dict(optim=_sgd(0.25, 5e-4), method=dict(_LT_SIMCLR, momentum=0.95)),
+  },
   "imagenet": {
     "simclr": dict(
       optim=_large_batch_lars(0.3, 1e-6),
@@ -264,6 +297,7 @@ def dataset(c: ml_collections.ConfigDict, name: str) -> None:
   c.train.epochs = spec.epochs
   c.train.batch_size = spec.batch_size
   c.train.split = spec.train_split
+  c.data.long_tail_ratio = spec.long_tail_ratio
 
 
 def _apply(block: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
@@ -286,10 +320,21 @@ def method(c: ml_collections.ConfigDict, name: str, dataset_name: str) -> None:
     _apply(c.method[name], recipe.get("method", {}), f"method.{name}")
   extra = DATASET_OVERRIDES.get((name, dataset_name), {})
   _apply(c.method[name], extra.get("method", {}), f"method.{name}")
+  steps_per_epoch = spec.train_images // c.train.batch_size
   if name == "swav":
-    steps_per_epoch = spec.train_images // c.train.batch_size
     c.method.swav.queue_start_step = SWAV_QUEUE_START_EPOCHS * steps_per_epoch
     c.method.swav.freeze_prototypes_steps = SWAV_FREEZE_PROTOTYPES_EPOCHS * steps_per_epoch
+  if name in ("sdclr", "bcl_i"):  # the pruning mask and the memorization weights are per epoch
+    c.method[name].steps_per_epoch = steps_per_epoch
+  if name == "bcl_i":  # one memorization score per training image
+    c.method.bcl_i.num_samples = spec.train_images
+
+
+def with_umm(stages: tuple[str, ...]) -> tuple[str, ...]:
+  """`stages` with 'umm' after pre-training and the monitor, so that the evaluate and report
+  stages compare the pre-trained encoder with the UMM one (the paper's "X" and "X + UMM")."""
+  first = tuple(s for s in stages if s in ("pretrain", "monitor"))
+  return (*first, "umm", *(s for s in stages if s not in first and s != "umm"))
 
 
 def config(method_name: str, dataset_name: str) -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 
 from configs import default, recipes
-from umm_jax import main
+from umm_jax import data, main
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 NAMES = sorted(
@@ -22,6 +22,8 @@ NAMES = sorted(
 )
 NON_EXPERIMENTS = {"default", "test", "demo"}
 EXPERIMENTS = [name for name in NAMES if name not in NON_EXPERIMENTS]
+# Table 8's long-tail experiments run UMM after pre-training (the paper's "X" and "X + UMM" rows).
+LONG_TAIL = [f"{m}_{d}_lt" for m in ("simclr", "sdclr", "bcl_i") for d in ("cifar10", "cifar100")]
 
 
 def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
@@ -44,6 +46,7 @@ def test_discovers_the_configs():
   assert NON_EXPERIMENTS <= set(NAMES)
   assert "recipes" not in NAMES
   assert {"simclr_cifar10", "simclr_imagenet", "byol_imagenet100"} <= set(EXPERIMENTS)
+  assert set(LONG_TAIL) <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -75,7 +78,8 @@ def test_experiment_name_matches_method_and_data(name):
     method = f"{method}_{head}"
   assert config.method.name == method
   assert config.data.name == recipes.DATASETS[dataset].source
-  assert config.stages == default.get_config().stages
+  stages = default.get_config().stages
+  assert config.stages == (recipes.with_umm(stages) if name in LONG_TAIL else stages)
 
 
 def test_recipes_reject_unknown_keys_and_names():
@@ -94,3 +98,32 @@ def test_swav_schedules_follow_the_epochs_of_solo_learn():
   assert (c.method.swav.queue_start_step, c.method.swav.freeze_prototypes_steps) == (9750, 390)
   c = recipes.config("swav", "imagenet100")
   assert c.method.swav.queue_start_step == 50 * (126_689 // 256)
+
+
+@pytest.mark.parametrize("name", LONG_TAIL)
+def test_long_tail_configs_follow_table_8(name):
+  config = _load(name)
+  assert config.data.long_tail_ratio == recipes.LONG_TAIL_RATIO == 100
+  per_class, classes = (5000, 10) if "cifar10_" in name else (500, 100)
+  images = int(data.long_tail_counts(per_class, classes, 100).sum())
+  assert images == (12_406 if classes == 10 else 10_847)
+  assert (config.train.batch_size, config.train.epochs) == (512, 2000)
+  assert config.optim.name == "sgd" and config.optim.base_lr * 512 / 256 == 0.5
+  assert config.stages.index("umm") < config.stages.index("evaluate")
+  block = config.method[config.method.name]
+  assert (block.proj_output_dim, block.temperature) == (128, 0.2)
+  if config.method.name in ("sdclr", "bcl_i"):
+    assert block.steps_per_epoch == images // 512
+  if config.method.name == "bcl_i":
+    assert block.num_samples == images
+
+
+def test_with_umm_inserts_the_stage_once_after_pretraining():
+  assert recipes.with_umm(("pretrain", "monitor", "evaluate", "report")) == (
+    "pretrain",
+    "monitor",
+    "umm",
+    "evaluate",
+    "report",
+  )
+  assert recipes.with_umm(("pretrain", "umm", "evaluate")) == ("pretrain", "umm", "evaluate")
