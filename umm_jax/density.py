@@ -37,7 +37,8 @@ makes the factorisation NaN, which the optional `ridge` (added to the Gram diago
 
 On CPU, avoid running this module's batched factorisation beside another one (for instance a
 `crr.rate_reduction`) as independent branches of one jitted function: see the note on LAPACK and
-XLA's thread pool in `crr`'s docstring.
+XLA's thread pool in `crr`'s docstring. `chunk = 1` factorises one Gram at a time while the
+Jacobians (the costly part) stay batched over all views.
 
 References: the UMM paper (arXiv 2410.00772), Sec. 5.2, Lemma 1 and Theorem 5.1; the project's
 reading is `shared/spec/umm-math.md`, section 3.
@@ -72,8 +73,18 @@ def _flat_output(f_late: LateMap) -> LateMap:
   return lambda z: jnp.ravel(f_late(z))
 
 
-def _half_logdet_gram(a: jax.Array, ridge: float) -> jax.Array:
-  """`[m]` values `½ · logdet(G_i + ridge · I)`, `G_i` the smaller Gram of `a` `[m, r, c]`."""
+def _half_logdet_gram(a: jax.Array, ridge: float, chunk: int = 0) -> jax.Array:
+  """`[m]` values `½ · logdet(G_i + ridge · I)`, `G_i` the smaller Gram of `a` `[m, r, c]`.
+
+  `chunk` in `(0, m)` factorises `chunk` Grams at a time in a loop (`lax.map`, forward and
+  backward), the Jacobians still batched; it must divide `m`. 0: all at once.
+  """
+  m = a.shape[0]
+  if chunk and chunk < m:
+    if m % chunk:
+      raise ValueError(f"chunk={chunk} must divide the number of views {m}")
+    blocks = a.reshape(m // chunk, chunk, *a.shape[1:])
+    return jax.lax.map(lambda b: _half_logdet_gram(b, ridge), blocks).reshape(m)
   # Cholesky in bfloat16/float16 is unreliable; float64 is kept for finite-difference checks.
   a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
   if a.shape[1] <= a.shape[2]:
@@ -86,7 +97,9 @@ def _half_logdet_gram(a: jax.Array, ridge: float) -> jax.Array:
   return jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
 
 
-def exact_log_volume(f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0) -> jax.Array:
+def exact_log_volume(
+  f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0, chunk: int = 0
+) -> jax.Array:
   """Log-volume `v` `[m]` of `f_late` at each view of `z_e` `[m, ...]`, from full Jacobians.
 
   `v_i = ½ · logdet(J_i J_iᵀ)` with `J_i = ∂f_late(z_e,i)/∂z_e,i` `[d_l, d_e]` (`½ · logdet(J_iᵀ
@@ -96,6 +109,7 @@ def exact_log_volume(f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0) -> 
     f_late: maps one view's early features (`z_e.shape[1:]`) to its late features `[d_l]`.
     z_e: early features `[m, ...]`, one view per row.
     ridge: added to the Gram diagonal before the factorisation (see the module docstring).
+    chunk: Grams factorised at a time (0: all; see the note on CPU in the module docstring).
 
   Returns:
     `v` `[m]`, float32 (float64 for float64 Jacobians).
@@ -107,7 +121,7 @@ def exact_log_volume(f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0) -> 
     jac = jax.jacrev(f)(z)  # [d_l, *z.shape]
     return jac.reshape(jac.shape[0], -1)
 
-  return _half_logdet_gram(jax.vmap(jacobian)(z_e), ridge)
+  return _half_logdet_gram(jax.vmap(jacobian)(z_e), ridge, chunk)
 
 
 def sketch_directions(key: jax.Array, *, dim: int, num_directions: int) -> jax.Array:
@@ -128,6 +142,7 @@ def sketch_log_volume(
   key: jax.Array,
   num_directions: int = DEFAULT_NUM_DIRECTIONS,
   ridge: float = 0.0,
+  chunk: int = 0,
 ) -> jax.Array:
   """Sketched log-volume `v` `[m]` of `f_late` at each view of `z_e` `[m, ...]`.
 
@@ -141,6 +156,7 @@ def sketch_log_volume(
     key: PRNG key for the directions; fold the step in so they change every step.
     num_directions: `k`, in `[1, d_l]`; static under `jit`.
     ridge: added to the Gram diagonal before the factorisation (see the module docstring).
+    chunk: Grams factorised at a time (0: all; see the note on CPU in the module docstring).
 
   Returns:
     `v` `[m]`, float32 (float64 for float64 VJPs).
@@ -162,7 +178,7 @@ def sketch_log_volume(
     (rows,) = jax.vmap(pullback)(cotangents)  # [k, *z.shape] = Uᵀ J
     return rows.reshape(num_directions, -1)
 
-  return _half_logdet_gram(jax.vmap(projected_jacobian)(z_e), ridge)
+  return _half_logdet_gram(jax.vmap(projected_jacobian)(z_e), ridge, chunk)
 
 
 def grad_norm_log_volume(grads: jax.Array) -> jax.Array:
@@ -192,6 +208,7 @@ def log_volume(
   num_directions: int = DEFAULT_NUM_DIRECTIONS,
   grads: jax.Array | None = None,
   ridge: float = 0.0,
+  chunk: int = 0,
 ) -> jax.Array:
   """Log-volume `v` `[m]` of `f_late` at the views of `z_e` `[m, ...]` by a named estimator.
 
@@ -204,6 +221,7 @@ def log_volume(
     num_directions: `k` for 'sketch'; static.
     grads: `∂L_SSL/∂z_e` `[m, ...]` (the shape of `z_e`), for 'grad_norm'.
     ridge: Gram ridge for 'exact' and 'sketch'.
+    chunk: Grams factorised at a time for 'exact' and 'sketch' (0: all at once).
 
   Returns:
     `v` `[m]`; the late density of view `i` is proportional to `exp(−v_i)`.
@@ -213,11 +231,13 @@ def log_volume(
       f"Unknown volume estimator {estimator!r}; valid estimators: {', '.join(VOLUME_ESTIMATORS)}"
     )
   if estimator == "exact":
-    return exact_log_volume(f_late, z_e, ridge=ridge)
+    return exact_log_volume(f_late, z_e, ridge=ridge, chunk=chunk)
   if estimator == "sketch":
     if key is None:
       raise ValueError("volume estimator 'sketch' needs a PRNG key")
-    return sketch_log_volume(f_late, z_e, key=key, num_directions=num_directions, ridge=ridge)
+    return sketch_log_volume(
+      f_late, z_e, key=key, num_directions=num_directions, ridge=ridge, chunk=chunk
+    )
   if grads is None or grads.shape != z_e.shape:
     raise ValueError(
       f"volume estimator 'grad_norm' needs grads = ∂L/∂z_e of the shape of z_e {z_e.shape}, got "
@@ -279,6 +299,7 @@ def density_js(
   num_directions: int = DEFAULT_NUM_DIRECTIONS,
   grads: jax.Array | None = None,
   ridge: float = 0.0,
+  chunk: int = 0,
 ) -> jax.Array:
   """`JS(P_e ‖ P_l)` of a batch: `layer_js(log_volume(f_late, z_e, estimator=..., ...))`.
 
@@ -304,5 +325,6 @@ def density_js(
     num_directions=num_directions,
     grads=grads,
     ridge=ridge,
+    chunk=chunk,
   )
   return layer_js(v)
