@@ -103,10 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.umm = ml_collections.ConfigDict(
     dict(
       split="layer2",  # last stage of f_early: 'stem', 'layer1', 'layer2' or 'layer3'
-      # 'umm'; 'no_rate' (α = 0, the paper's *); 'no_js' (β = 0, **); 'joint' (one gradient of
-      # L_SSL + β·JS − α·ΔR, Table 10 "+ +"); 'interleaved' (from scratch over train.epochs, each
-      # step an SSL step on all parameters then a UMM step on θ, Table 10 "& UMM").
-      variant="umm",
+      # Variants run in order, each into <workdir>/umm/<variant>/: 'umm'; 'no_rate' (α = 0, the
+      # paper's *); 'no_js' (β = 0, **); 'joint' (one gradient of L_SSL + β·JS − α·ΔR, Table 10
+      # "+ +"); 'interleaved' (from scratch over train.epochs, each step an SSL step on all
+      # parameters then a UMM step on θ, Table 10 "& UMM"). Table 1: ("no_rate", "no_js", "umm").
+      variants=("umm",),
       alpha=1.0,  # α, weight of ΔR in the outer loss
       beta=0.1,  # β, weight of the JS term in the inner loss
       epochs=200,  # UMM epochs over the pre-training set ('interleaved' uses train.epochs)
@@ -131,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,  # fine-tuning starts from trained weights: no decay unless asked
       schedule="cosine",  # umm_jax.optim.SCHEDULES, over the UMM run
       warmup_epochs=0.0,  # 'warmup_cosine' only
-      checkpoint_every_epochs=10,  # <workdir>/umm/checkpoints cadence (and at the end)
+      checkpoint_every_epochs=10,  # <workdir>/umm/<variant>/checkpoints cadence (and at the end)
     )
   )
   return c

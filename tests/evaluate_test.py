@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from umm_jax import evaluate, finetune
+from umm_jax import evaluate, finetune, umm_stage
 from umm_jax.models import resnet
 
 C = 10
@@ -376,3 +376,11 @@ def test_stage_evaluates_the_last_checkpoint_of_each_encoder(tmp_path):
   semi = out["baseline"]["semi_supervised"]["semi_10pct"]
   assert semi["protocol"]["fraction"] == 0.1 and semi["protocol"]["epochs"] == 1
   assert 0 <= semi["top1"] <= semi["top5"] <= 1
+
+
+def test_encoders_are_found_in_table_1_order_with_the_papers_names(tmp_path):
+  for sub in ("umm/umm/checkpoints", "umm/no_rate/checkpoints", "checkpoints", "umm/joint"):
+    (tmp_path / sub).mkdir(parents=True)
+  found = umm_stage.encoders(tmp_path)
+  assert list(found) == ["baseline", "* (α = 0)", "+UMM"]  # 'joint' has no checkpoints folder
+  assert found["* (α = 0)"] == tmp_path / "umm" / "no_rate" / "checkpoints"

@@ -718,10 +718,10 @@ def test_export_stage_writes_every_encoder_of_the_work_dir(tmp_path):
   baseline = _random_backbone("resnet10", stem="cifar", width=8, seed=1)
   tuned = _random_backbone("resnet10", stem="cifar", width=8, seed=2)
   _save_backbone(tmp_path / "checkpoints", 8, baseline)
-  _save_backbone(tmp_path / "umm" / "checkpoints", 12, tuned)
+  _save_backbone(tmp_path / "umm" / "umm" / "checkpoints", 12, tuned)
 
   main.run(config, tmp_path)
-  for variables, out, step in [(baseline, "export", 8), (tuned, "export/umm", 12)]:
+  for variables, out, step in [(baseline, "export", 8), (tuned, "export/umm/umm", 12)]:
     summary = json.loads((tmp_path / out / "export.json").read_text())
     assert summary["step"] == step
     assert summary["model"] == {"name": "resnet10", "stem": "cifar", "width": 8, "channels": 3}
@@ -742,13 +742,8 @@ def test_export_stage_writes_every_encoder_of_the_work_dir(tmp_path):
     assert (tmp_path / out / "backbone.pth").exists() == has_torch
 
 
-def test_sources_follow_the_umm_stage_layouts(tmp_path):
-  assert export.sources(tmp_path) == ["checkpoints"]
-  for sub in ("umm/checkpoints", "umm/umm/checkpoints", "umm/no_js/checkpoints", "umm/x"):
+def test_sources_follow_the_umm_stage_layout(tmp_path):
+  assert export.sources(tmp_path) == []
+  for sub in ("checkpoints", "umm/umm/checkpoints", "umm/no_js/checkpoints", "umm/x"):
     (tmp_path / sub).mkdir(parents=True)
-  assert export.sources(tmp_path) == [
-    "checkpoints",
-    "umm/checkpoints",
-    "umm/no_js/checkpoints",
-    "umm/umm/checkpoints",
-  ]
+  assert export.sources(tmp_path) == ["checkpoints", "umm/no_js/checkpoints", "umm/umm/checkpoints"]

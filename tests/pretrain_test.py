@@ -92,3 +92,18 @@ def test_nan_guard_stops_before_saving(tmp_path):
     pretrain.pretrain(config, tmp_path)
   ckpt = checkpoint.Checkpointer(tmp_path / pretrain.CHECKPOINT_DIR, read_only=True)
   assert ckpt.all_steps() == []
+
+
+def test_bcl_i_reads_each_images_index_and_checks_the_data_sizes(tmp_path):
+  # BCL-I tracks a memorization score per training image, so the loop must pass the images'
+  # rows as `index`: after one epoch over the 64 images, every one of them has been seen once.
+  config = _config(epochs=1, checkpoint_every_epochs=1)
+  config.method.name = "bcl_i"
+  config.method.bcl_i.update(proj_hidden_dim=32, proj_output_dim=16, num_samples=64)
+  with pytest.raises(ValueError, match="bcl_i.steps_per_epoch = 195, but the training set gives 4"):
+    pretrain.pretrain(config, tmp_path)
+  config.method.bcl_i.steps_per_epoch = 4
+  state = pretrain.pretrain(config, tmp_path)
+  scores = jax.device_get(state.method_state)
+  assert scores["seen"].all() and int(scores["step"]) == 4
+  assert np.all(scores["momentum"] > 0)  # each image's NT-Xent loss, averaged in

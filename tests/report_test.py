@@ -150,3 +150,33 @@ def test_evaluation_results_are_tabulated_with_their_protocols(tmp_path):
     "- knn_k5: evaluation = knn; k = 5" in text
     and "- linear: evaluation = linear; epochs = 500" in text
   )
+
+
+def test_variants_are_compared_with_the_baseline_in_table_1_layout(tmp_path):
+  def entry(step, knn, linear):
+    proto = dict(evaluation="knn", layer="embedding", k=5)
+    return {
+      "step": step,
+      "checkpoint": f"c/{step}",
+      "layers": {
+        "embedding": {
+          "knn_k5": dict(top1=knn, top5=1.0, protocol=proto),
+          "linear": dict(top1=linear, top5=1.0, protocol=dict(evaluation="linear")),
+        }
+      },
+    }
+
+  results = {
+    "baseline": entry(8, 0.80, 0.85),
+    "* (α = 0)": entry(12, 0.7925, 0.86),
+    "+UMM": entry(12, 0.8125, 0.8475),
+  }
+  (tmp_path / evaluate.RESULTS_FILE).write_text(json.dumps(results))
+  text = report.write(_work_dir(tmp_path, metrics=False)).read_text()
+  assert "| encoder | step | knn_k5 top-1 (%) | linear top-1 (%) |" in text
+  assert "| baseline | 8 | 80.00 | 85.00 |" in text
+  assert "| * (α = 0) | 12 | 79.25 (-0.75) | 86.00 (+1.00) |" in text
+  assert "| +UMM | 12 | 81.25 (+1.25) | 84.75 (-0.25) |" in text
+  # One encoder alone has nothing to be compared with.
+  (tmp_path / evaluate.RESULTS_FILE).write_text(json.dumps({"baseline": results["baseline"]}))
+  assert "Table 1 layout" not in report.write(tmp_path).read_text()

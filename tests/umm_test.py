@@ -78,9 +78,10 @@ class Setup(NamedTuple):
 
 def _setup(workdir, **overrides) -> Setup:
   """The UMM pieces of `_config(**overrides)`, from the module's pre-training checkpoint."""
+  variant = overrides.pop("variant", "umm")
   config = _config(**overrides)
   train_set = data.load(config.data, "train")
-  urun = umm_stage.build(config, train_set)
+  urun = umm_stage.build(config, train_set, variant)
   template = pretrain.init_state(urun.pretrain_run, jax.random.key(0))
   pretrained, _ = umm_stage.load_pretrained(workdir, template)
   mean, std = (jnp.asarray(x) for x in train_set.channel_stats())
@@ -103,11 +104,11 @@ def _theta_ctx(setup: Setup, key=1):
 
 
 def test_stage_writes_checkpoints_and_metrics(stage_run):
-  ckpt = checkpoint.Checkpointer(stage_run / "umm" / "checkpoints", read_only=True)
+  ckpt = checkpoint.Checkpointer(stage_run / "umm" / "umm" / "checkpoints", read_only=True)
   assert ckpt.all_steps() == [4]  # one epoch of 64 images in batches of 16
   meta = ckpt.metadata(4)
   assert meta["pretrain_step"] == 8 and meta["variant"] == "umm" and meta["epoch"] == 1
-  lines = (stage_run / "umm" / pretrain.METRICS_FILE).read_text().splitlines()
+  lines = (stage_run / "umm" / "umm" / pretrain.METRICS_FILE).read_text().splitlines()
   records = [json.loads(line) for line in lines]
   train_records = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train_records] == [2, 4]  # every log_every_steps = 2
@@ -122,7 +123,7 @@ def test_stage_writes_checkpoints_and_metrics(stage_run):
 
 def test_stage_keeps_f_early_and_tunes_f_late(stage_run):
   pre = checkpoint.load_state_dict(stage_run / "checkpoints")["online"]
-  post = checkpoint.load_state_dict(stage_run / "umm" / "checkpoints")["online"]
+  post = checkpoint.load_state_dict(stage_run / "umm" / "umm" / "checkpoints")["online"]
   split = _config().umm.split
   for collection in ("params", "batch_stats"):
     early_pre, late_pre = resnet.split_variables(pre["backbone"], split)
@@ -149,28 +150,38 @@ def test_interrupted_stage_resumes_to_the_same_state(stage_run, tmp_path, monkey
 
   monkeypatch.setattr(parallel, "global_batch", global_batch_then_sigterm)
   with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-    umm_stage.finetune(_config(), tmp_path)
+    umm_stage.finetune(_config(), tmp_path, "umm")
   monkeypatch.setattr(parallel, "global_batch", real_global_batch)
-  ckpt = checkpoint.Checkpointer(tmp_path / "umm" / "checkpoints", read_only=True)
+  ckpt = checkpoint.Checkpointer(tmp_path / "umm" / "umm" / "checkpoints", read_only=True)
   assert ckpt.all_steps() == [3] and ckpt.metadata(3)["interrupted_by"] == "SIGTERM"
-  resumed = umm_stage.finetune(_config(), tmp_path)
-  reference = checkpoint.load_state_dict(stage_run / "umm" / "checkpoints")
+  resumed = umm_stage.finetune(_config(), tmp_path, "umm")
+  reference = checkpoint.load_state_dict(stage_run / "umm" / "umm" / "checkpoints")
   for a, b in zip(_leaves(reference["online"]), _leaves(resumed.online), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  lines = (tmp_path / "umm" / pretrain.METRICS_FILE).read_text().splitlines()
+  lines = (tmp_path / "umm" / "umm" / pretrain.METRICS_FILE).read_text().splitlines()
   records = [json.loads(line) for line in lines]
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
 
 
+def test_stage_runs_each_variant_into_its_own_directory(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(umm_stage, "finetune", lambda c, w, v: calls.append((w, v)))
+  umm_stage.run_stage(_config(variants=("no_rate", "no_js", "umm")), tmp_path)
+  assert calls == [(tmp_path, "no_rate"), (tmp_path, "no_js"), (tmp_path, "umm")]
+  assert umm_stage.variant_dir(tmp_path, "no_js") == tmp_path / "umm" / "no_js"
+
+
 def test_missing_pretraining_checkpoint_says_to_pretrain(tmp_path):
   with pytest.raises(FileNotFoundError, match="run the 'pretrain' stage first"):
-    umm_stage.finetune(_config(), tmp_path)
+    umm_stage.finetune(_config(), tmp_path, "umm")
 
 
 @pytest.mark.parametrize(
   "key,value,match",
   [
-    ("variant", "both", "valid: umm, no_rate, no_js, joint, interleaved"),
+    ("variants", ("both",), "valid: umm, no_rate, no_js, joint, interleaved"),
+    ("variants", (), "must name distinct variants"),
+    ("variants", ("umm", "umm"), "must name distinct variants"),
     ("hypergrad", "exact", "finite_difference"),
     ("volume", "logdet", "sketch"),
     ("membership", "labels", "soft, instance"),

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
-from umm_jax import checkpoint, data, parallel, pretrain
+from umm_jax import checkpoint, data, parallel, pretrain, umm_stage
 from umm_jax.models import resnet
 
 FEATURE_LAYERS = (*resnet.STAGES, "embedding")
@@ -358,8 +357,6 @@ def linear_probe(
 # ----------------------------------------------------------------------------- the stage
 
 RESULTS_FILE = "evaluation.json"
-# Encoders the stage evaluates, by name: the checkpoint directory under the work dir.
-ENCODERS = {"baseline": "checkpoints", "+UMM": "umm/checkpoints"}
 
 
 def evaluate_encoder(
@@ -399,7 +396,9 @@ def evaluate_encoder(
 
 
 def run_stage(config, workdir) -> dict:
-  """The `evaluate` stage: the last checkpoint of each encoder in `ENCODERS` that exists.
+  """The `evaluate` stage: the last checkpoint of each encoder in the work dir.
+
+  The encoders are those of `umm_stage.encoders`: the baseline and each UMM variant run.
 
   Writes `evaluation.json`: `{encoder: {'step', 'checkpoint', 'layers': {layer: {protocol:
   {top1, top5, protocol}}}}}` and prints a table. `config.evaluate.linear_epochs` overrides the
@@ -410,11 +409,7 @@ def run_stage(config, workdir) -> dict:
   train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
   model = pretrain.create_model(config)
   out = {}
-  for name, sub in ENCODERS.items():
-    directory = workdir / sub
-    if not directory.is_dir():
-      logging.info("evaluate: no %s checkpoints (%s)", name, directory)
-      continue
+  for name, directory in umm_stage.encoders(workdir).items():
     with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
       steps = ckpt.all_steps()
       if not steps:
@@ -435,13 +430,13 @@ def run_stage(config, workdir) -> dict:
   if not out:
     raise ValueError(f"evaluate: no checkpoints under {workdir}; run the pretrain stage first")
   (workdir / RESULTS_FILE).write_text(json.dumps(out, indent=2))
-  lines = [f"{'encoder':10s} {'layer':10s} {'protocol':14s} {'top1':>7s} {'top5':>7s}"]
+  lines = [f"{'encoder':20s} {'layer':10s} {'protocol':14s} {'top1':>7s} {'top5':>7s}"]
   for name, entry in out.items():
     rows = [(layer, results) for layer, results in entry["layers"].items()]
     rows += [("embedding", entry.get("semi_supervised", {}))]
     for layer, results in rows:
       for proto, r in results.items():
-        lines.append(f"{name:10s} {layer:10s} {proto:14s} {r['top1']:7.4f} {r['top5']:7.4f}")
+        lines.append(f"{name:20s} {layer:10s} {proto:14s} {r['top1']:7.4f} {r['top5']:7.4f}")
   print("\n".join(lines) + f"\n(written to {workdir / RESULTS_FILE})")
   return out
 

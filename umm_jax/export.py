@@ -30,8 +30,8 @@ What the consumer must match, since the names are the same whatever the model wa
   in `export.json` (detectron2: `PIXEL_MEAN = 255·mean`, `PIXEL_STD = 255·std`, `FORMAT RGB`).
 
 The `export` stage (`run_stage`) exports the newest checkpoint of `<workdir>/checkpoints` into
-`<workdir>/export/` and, when UMM ran, that of each UMM checkpoint directory under
-`<workdir>/umm/` into the same place under `<workdir>/export/umm/` (`sources`):
+`<workdir>/export/` and, when UMM ran, that of each variant's `<workdir>/umm/<variant>/checkpoints`
+into `<workdir>/export/umm/<variant>/` (`sources`):
 `backbone.safetensors` (torchvision layout, written here with NumPy), `backbone.pth` (the same
 dict through `torch.save`, when torch is importable; torch is not a dependency),
 `backbone_d2.pkl` (detectron2) and `export.json` (source checkpoint, model, input normalisation,
@@ -271,14 +271,11 @@ def export_backbone(
 def sources(workdir: str | pathlib.Path) -> list[str]:
   """The checkpoint directories in `workdir` (relative) whose newest checkpoint is exported.
 
-  Pre-training's `checkpoints` and, as the `umm` stage writes them, `umm/checkpoints` or one
-  `umm/<variant>/checkpoints` per variant; each one exports into `export/<its parent>`.
+  Those of `umm_stage.encoders`: pre-training's `checkpoints` and each UMM variant's
+  `umm/<variant>/checkpoints`; each one exports into `export/<its parent>`.
   """
   workdir = pathlib.Path(workdir)
-  umm_dir = workdir / umm_stage.UMM_DIR
-  found = [umm_dir / pretrain.CHECKPOINT_DIR, *sorted(umm_dir.glob(f"*/{pretrain.CHECKPOINT_DIR}"))]
-  umm_sources = [str(p.relative_to(workdir)) for p in found if p.is_dir()]
-  return [pretrain.CHECKPOINT_DIR, *umm_sources]
+  return [str(p.relative_to(workdir)) for p in umm_stage.encoders(workdir).values()]
 
 
 def _latest_step(directory: pathlib.Path) -> int | None:

@@ -68,7 +68,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   model = resnet.create(config.model.name, stem=config.model.stem, width=config.model.width)
   _check("dtype", config.model.dtype, DTYPES)
   resnet.split(model, config.umm.split)
-  umm.Settings.from_config(config.umm)  # names and ranges of the UMM hyper-parameters
+  variants = tuple(config.umm.variants)
+  if not variants or len(set(variants)) != len(variants):
+    raise ValueError(
+      f"config.umm.variants must name distinct variants, got {variants}; valid: {umm.VARIANTS}"
+    )
+  for variant in variants:  # names and ranges of the UMM hyper-parameters
+    umm.Settings.from_config(config.umm, variant)
   if config.umm.optimizer:
     _check("UMM optimizer", config.umm.optimizer, optim.OPTIMIZERS)
   _check("UMM schedule", config.umm.schedule, optim.SCHEDULES)

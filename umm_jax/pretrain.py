@@ -70,6 +70,14 @@ def build(config: ml_collections.ConfigDict, train_set: data.Dataset) -> Run:
   method = methods.get(config.method.name)
   hp = dict(config.method[config.method.name])
   steps_per_epoch = data.steps_per_epoch(len(train_set.labels), config.train.batch_size)
+  # Methods that track every image (BCL-I) or act once an epoch (SDCLR, BCL-I) declare these.
+  for key, value in (("num_samples", len(train_set.labels)), ("steps_per_epoch", steps_per_epoch)):
+    if key in hp and hp[key] != value:
+      raise ValueError(
+        f"config.method.{method.name}.{key} = {hp[key]}, but the training set gives {value} "
+        f"({len(train_set.labels)} images, batch {config.train.batch_size}): set "
+        f"--config.method.{method.name}.{key}={value}"
+      )
   total_steps = steps_per_epoch * config.train.epochs
   tx, schedule = optim.create(
     config.optim,
@@ -296,12 +304,52 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=parallel.replicated(mesh))
   probe_logits = make_probe_eval(run, mean, std)
 
-  def save(step: int, epoch: float, metrics: dict) -> None:
+  def save(state, step: int, epoch: float, metrics: dict) -> None:
     ckpt.save(step, state, metadata={"step": step, "epoch": epoch, **metrics})
 
+  with ckpt, log:
+    return train_loop(
+      state, step_fn, step_key, config=config, run=run, mesh=mesh, data_sets=(train_set, test_set),
+      epochs=cfg.epochs, checkpoint_every_epochs=cfg.checkpoint_every_epochs,
+      probe_logits=probe_logits, log=log, start=start, save=save,
+      last_saved=ckpt.latest_step,
+    )  # fmt: skip
+
+
+def train_loop(
+  state: train.TrainState,
+  step_fn,
+  step_key: jax.Array,
+  *,
+  config: ml_collections.ConfigDict,
+  run: Run,
+  mesh,
+  data_sets: tuple[data.Dataset, data.Dataset],
+  epochs: int,
+  checkpoint_every_epochs: int,
+  probe_logits,
+  log: MetricsLog,
+  start: int,
+  save,
+  last_saved,
+  name: str = "",
+) -> train.TrainState:
+  """The epoch loop of pre-training and UMM, from step `start` to `epochs` epochs.
+
+  Feeds `step_fn(state, batch, step_key) -> (state, metrics)` with this process's slice of each
+  global batch of `data_sets[0]` (`image`, `label`, and `index` when the method reads it; order a
+  function of `(config.seed, epoch)`, resumed at `start`); logs every `config.train.
+  log_every_steps` steps through `log` (NaN guard first); tests the online probe on
+  `data_sets[1]` every `config.train.eval_every_epochs` epochs; calls `save(state, step, epoch,
+  metrics)` every `checkpoint_every_epochs` epochs, at the end, and on SIGINT/SIGTERM (then
+  raises `KeyboardInterrupt`). `last_saved()` is the newest saved step. `name` prefixes the log
+  lines ('UMM ').
+  """
+  cfg = config.train
+  train_set, test_set = data_sets
   history, tic, timed, step = [], time.perf_counter(), 0, start
-  with ckpt, log, StopRequest() as stop:
-    for epoch in range(start // run.steps_per_epoch, cfg.epochs):
+  with StopRequest() as stop:
+    for epoch in range(start // run.steps_per_epoch, epochs):
       batches = data.batches(
         train_set,
         global_batch=cfg.batch_size,
@@ -310,38 +358,38 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_step=step % run.steps_per_epoch,
+        with_index="index" in run.method.batch_keys,
       )
-      for images, labels in data.prefetch(batches):
-        batch = {
-          "image": parallel.global_batch(images, mesh),
-          "label": parallel.global_batch(labels, mesh),
-        }
+      for arrays in data.prefetch(batches):
+        names = ("image", "label", "index")[: len(arrays)]
+        batch = {k: parallel.global_batch(a, mesh) for k, a in zip(names, arrays, strict=True)}
         state, metrics = step_fn(state, batch, step_key)
         history.append(metrics)
         step += 1
         timed += 1
         if step == start + 1:  # time steps, not the compilation
           jax.block_until_ready(metrics)
-          logging.info("first step (with compilation): %.1fs", time.perf_counter() - tic)
+          elapsed = time.perf_counter() - tic
+          logging.info("first %sstep (with compilation): %.1fs", name, elapsed)
           tic, timed = time.perf_counter(), 0
         if step % cfg.log_every_steps == 0 or step == run.total_steps:
-          check_finite(history, step, ckpt.latest_step())
+          check_finite(history, step, last_saved())
           log.train(history, step, run, timed=timed, seconds=time.perf_counter() - tic)
           history, tic, timed = [], time.perf_counter(), 0
         if stop.signal:
-          save(step, step / run.steps_per_epoch, {"interrupted_by": stop.signal})
+          save(state, step, step / run.steps_per_epoch, {"interrupted_by": stop.signal})
           logging.warning("%s: saved step %d; rerun the same command to resume", stop.signal, step)
           raise KeyboardInterrupt(f"stopped by {stop.signal} at step {step} (saved)")
       done = epoch + 1
       evaluation = {}
-      if done % cfg.eval_every_epochs == 0 or done == cfg.epochs:
+      if done % cfg.eval_every_epochs == 0 or done == epochs:
         evaluation = probe_accuracy(
           probe_logits, state, test_set, batch_size=cfg.eval_batch_size, mesh=mesh
         )
         log.write("test", {"step": step, "epoch": done, **evaluation})
-        logging.info("epoch %d test probe top-1 %.4f", done, evaluation["probe_top1"])
-      if done % cfg.checkpoint_every_epochs == 0 or done == cfg.epochs:
-        save(step, done, evaluation)
+        logging.info("%sepoch %d test probe top-1 %.4f", name, done, evaluation["probe_top1"])
+      if done % checkpoint_every_epochs == 0 or done == epochs:
+        save(state, step, done, evaluation)
   return state
 
 

@@ -403,7 +403,36 @@ def evaluation_section(workdir: pathlib.Path) -> str | None:
   header = ["encoder", "step", "layer", "protocol", "top-1 (%)", "top-5 (%)"]
   lines = "\n".join(f"- {name}: {_items(p)}" for name, p in protocols.items())
   intro = f"From `{evaluate.RESULTS_FILE}` (stage `evaluate`): frozen pooled features, test split."
-  return f"## Evaluation of the last checkpoints\n\n{intro}\n\n{_table(header, rows)}\n\n{lines}"
+  parts = ["## Evaluation of the last checkpoints", intro]
+  if len(results) > 1:
+    parts += ["### Baseline and UMM variants (Table 1 layout)", comparison_table(results)]
+  parts += ["### Every layer and protocol", _table(header, rows), lines]
+  return "\n\n".join(parts)
+
+
+def comparison_table(results: dict) -> str:
+  """One row per encoder (baseline, `*`, `**`, `+UMM`, ...), one column per protocol of the
+  baseline's last evaluated layer: top-1 and the change from the baseline in points (Table 1)."""
+  if "baseline" not in results:
+    return "No baseline encoder in the results: nothing to compare against."
+  layer = list(results["baseline"]["layers"])[-1]
+  baseline = results["baseline"]["layers"][layer]
+  rows = []
+  for encoder, entry in results.items():
+    row = [encoder, entry["step"]]
+    for name, base in baseline.items():
+      top1 = entry["layers"].get(layer, {}).get(name, {}).get("top1")
+      change = (
+        "" if top1 is None or encoder == "baseline" else f" ({100 * (top1 - base['top1']):+.2f})"
+      )
+      row.append(_pct(top1) + change)
+    rows.append(row)
+  header = ["encoder", "step", *(f"{name} top-1 (%)" for name in baseline)]
+  return _table(header, rows) + (
+    f"\n\nLayer `{layer}`; in brackets, the change from the baseline in points. `*`: UMM without "
+    "the rate term (α = 0); `**`: without the JS term (β = 0); each variant fine-tunes the "
+    "baseline's last checkpoint with the `umm` block of the config. Protocols below."
+  )
 
 
 def write(workdir: str | pathlib.Path) -> pathlib.Path:

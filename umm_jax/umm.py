@@ -58,6 +58,14 @@ from umm_jax.methods.base import Method
 from umm_jax.models import resnet
 
 VARIANTS = ("umm", "no_rate", "no_js", "joint", "interleaved")
+# How the paper's tables name each variant's encoder (Table 1: *, **, +UMM; Table 10: + +, & UMM).
+VARIANT_LABELS = {
+  "no_rate": "* (α = 0)",
+  "no_js": "** (β = 0)",
+  "umm": "+UMM",
+  "joint": "+ + (joint)",
+  "interleaved": "& UMM (interleaved)",
+}
 # 'labels' would use class labels during self-supervised fine-tuning; UMM is label-free.
 MEMBERSHIPS = ("soft", "instance")
 
@@ -105,9 +113,11 @@ class Settings:
         raise ValueError(f"umm.{name} must be > 0, got {getattr(self, name)}")
 
   @classmethod
-  def from_config(cls, umm_config: Mapping[str, Any]) -> "Settings":
-    """The fields of `Settings` read from the `umm` config block (other keys are the loop's)."""
-    return cls(**{f.name: umm_config[f.name] for f in dataclasses.fields(cls)})
+  def from_config(cls, umm_config: Mapping[str, Any], variant: str) -> "Settings":
+    """`variant`'s settings, the other fields read from the `umm` config block (whose other keys,
+    `variants` among them, are the loop's)."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "variant"]
+    return cls(variant=variant, **{name: umm_config[name] for name in fields})
 
   @property
   def weights(self) -> tuple[float, float]:
@@ -202,9 +212,9 @@ def ssl_loss(theta, ctx, parts: Parts, z_split: jax.Array | None = None):
 def js_term(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Array:
   """`JS(P_e ‖ P_l)` of the batch's `2n` views (density.density_js on `f_late`, inference mode).
 
-  `grads` `[2, n, ...]`: `∂L_SSL/∂Z_e` for the 'grad_norm' estimator. With `parts.volume_chunk`
-  below `2n`, the log-volumes come from a loop over chunks of views sharing the step's sketch
-  directions (the same values as one batched call).
+  `grads` `[2, n, ...]`: `∂L_SSL/∂Z_e` for the 'grad_norm' estimator. The Jacobians of all
+  views are batched; with `parts.volume_chunk` below `2n`, their Grams are factorised
+  `volume_chunk` at a time in a loop (the same values as one batched factorisation).
   """
   s = parts.settings
   z_e = ctx["early"][s.split]
@@ -219,14 +229,11 @@ def js_term(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Arr
     num_directions=s.num_directions,
     ridge=s.volume_ridge,
   )
-  m, chunk = z_e.shape[0], parts.volume_chunk
-  if not chunk or chunk >= m:
-    return density.density_js(f_late, z_e, **kw)
-  if m % chunk:
-    raise ValueError(f"umm.volume_chunk={chunk} must divide the number of views {m}")
-  chunks = z_e.reshape(m // chunk, chunk, *z_e.shape[1:])
-  v = jax.lax.map(lambda z: density.log_volume(f_late, z, **kw), chunks)
-  return density.layer_js(v.reshape(m))
+  if parts.volume_chunk and z_e.shape[0] % parts.volume_chunk:
+    raise ValueError(
+      f"umm.volume_chunk={parts.volume_chunk} must divide the number of views {z_e.shape[0]}"
+    )
+  return density.density_js(f_late, z_e, **kw, chunk=parts.volume_chunk)
 
 
 def rate_term(embedding: jax.Array, parts: Parts) -> jax.Array:

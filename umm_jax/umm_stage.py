@@ -4,15 +4,16 @@ Mirrors `umm_jax.pretrain`. `build` adds the UMM optimiser (`make_optimizer`: th
 optimiser, learning rate, weight decay and schedule on top of `config.optim`) to the pre-training
 pieces; `finetune` starts from the newest pre-training checkpoint of `<workdir>/checkpoints`
 (a clear error when there is none) and runs `config.umm.epochs` epochs of `umm.make_umm_step` over
-the pre-training data, or resumes from `<workdir>/umm/checkpoints`.
+the pre-training data, or resumes from `<workdir>/umm/<variant>/checkpoints`. The stage runs each
+variant of `config.umm.variants` in turn, each from the same pre-trained encoder.
 
 Variant 'interleaved' (Table 10, "& UMM") needs no pre-trained encoder: it pre-trains from the
 initial state for `config.train.epochs` epochs, each step a normal SSL step on every parameter
 (`config.optim`'s optimiser and schedule) followed by a UMM step on `θ` (the UMM optimiser), on
 the same batch (`umm.make_interleaved_step`).
 
-Written to `<workdir>/umm/`: `checkpoints/<step>` (a `train.TrainState`: `online` holds the whole
-encoder and heads, so readers of pre-training checkpoints read these too) every
+Written to `<workdir>/umm/<variant>/`: `checkpoints/<step>` (a `train.TrainState`: `online`
+holds the whole encoder and heads, so readers of pre-training checkpoints read these too) every
 `umm.checkpoint_every_epochs` epochs and at the end, with metadata `pretrain_step` (the
 checkpoint UMM started from) and `variant`; `metrics.jsonl` and TensorBoard events, one record
 per log interval (`loss` = `L_SSL`, `js`, `delta_r`, `grad_norm`, `cg_residual`, ...) and per
@@ -20,7 +21,6 @@ test evaluation of the online probe. Resume, NaN guard and SIGINT/SIGTERM as in 
 """
 
 import pathlib
-import time
 from typing import NamedTuple
 
 import jax
@@ -78,10 +78,28 @@ def make_optimizer(
   )
 
 
-def build(config: ml_collections.ConfigDict, train_set: data.Dataset) -> UmmRun:
-  """The pieces of a UMM run on `train_set` as `config` describes it."""
+def variant_dir(workdir: str | pathlib.Path, variant: str) -> pathlib.Path:
+  """Where the `umm` stage writes `variant`'s checkpoints and metrics."""
+  return pathlib.Path(workdir) / UMM_DIR / variant
+
+
+def encoders(workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """`{name: checkpoint directory}` of the encoders in `workdir`, in the paper's Table 1 order.
+
+  'baseline' is the pre-trained encoder (`checkpoints/`); each UMM variant run by the `umm` stage
+  (`umm/<variant>/checkpoints`) is named as in the paper's tables (`umm.VARIANT_LABELS`).
+  """
+  workdir = pathlib.Path(workdir)
+  found = {"baseline": workdir / pretrain.CHECKPOINT_DIR}
+  for variant, label in umm.VARIANT_LABELS.items():
+    found[label] = variant_dir(workdir, variant) / pretrain.CHECKPOINT_DIR
+  return {name: path for name, path in found.items() if path.is_dir()}
+
+
+def build(config: ml_collections.ConfigDict, train_set: data.Dataset, variant: str) -> UmmRun:
+  """The pieces of a UMM run of `variant` on `train_set` as `config` describes it."""
   base = pretrain.build(config, train_set)
-  settings = umm.Settings.from_config(config.umm)
+  settings = umm.Settings.from_config(config.umm, variant)
   epochs = config.train.epochs if settings.variant == "interleaved" else config.umm.epochs
   total = base.steps_per_epoch * epochs
   tx, schedule = make_optimizer(
@@ -134,16 +152,18 @@ def load_pretrained(
   )
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> train.TrainState:
-  """Runs (or resumes) UMM on the encoder pre-trained in `workdir`; returns the final state."""
+def finetune(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, variant: str
+) -> train.TrainState:
+  """Runs (or resumes) `variant` on the encoder pre-trained in `workdir`; returns its state."""
   workdir = pathlib.Path(workdir)
-  out = workdir / UMM_DIR
+  out = variant_dir(workdir, variant)
   cfg = config.train
   mesh = parallel.make_mesh()
   parallel.check_global_batch(cfg.batch_size, mesh)
   train_set = data.load(config.data, "train")
   test_set = data.load(config.data, "test")
-  urun = build(config, train_set)
+  urun = build(config, train_set, variant)
   run = urun.run
   mean, std = train_set.channel_stats()
 
@@ -171,56 +191,21 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=parallel.replicated(mesh))
   probe_logits = pretrain.make_probe_eval(run, mean, std)
 
-  def save(step: int, epoch: float, metrics: dict) -> None:
+  def save(state, step: int, epoch: float, metrics: dict) -> None:
     meta = {"step": step, "epoch": epoch, "variant": urun.settings.variant, **metrics}
     ckpt.save(step, state, metadata={**meta, "pretrain_step": source})
 
-  history, tic, timed, step = [], time.perf_counter(), 0, start
-  with ckpt, log, pretrain.StopRequest() as stop:
-    for epoch in range(start // run.steps_per_epoch, urun.epochs):
-      batches = data.batches(
-        train_set,
-        global_batch=cfg.batch_size,
-        seed=config.seed,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_step=step % run.steps_per_epoch,
-      )
-      for images, labels in data.prefetch(batches):
-        batch = {
-          "image": parallel.global_batch(images, mesh),
-          "label": parallel.global_batch(labels, mesh),
-        }
-        state, metrics = step_fn(state, batch, step_key)
-        history.append(metrics)
-        step += 1
-        timed += 1
-        if step == start + 1:  # time steps, not the compilation
-          jax.block_until_ready(metrics)
-          logging.info("first UMM step (with compilation): %.1fs", time.perf_counter() - tic)
-          tic, timed = time.perf_counter(), 0
-        if step % cfg.log_every_steps == 0 or step == run.total_steps:
-          pretrain.check_finite(history, step, ckpt.latest_step())
-          log.train(history, step, run, timed=timed, seconds=time.perf_counter() - tic)
-          history, tic, timed = [], time.perf_counter(), 0
-        if stop.signal:
-          save(step, step / run.steps_per_epoch, {"interrupted_by": stop.signal})
-          logging.warning("%s: saved step %d; rerun the same command to resume", stop.signal, step)
-          raise KeyboardInterrupt(f"stopped by {stop.signal} at step {step} (saved)")
-      done = epoch + 1
-      evaluation = {}
-      if done % cfg.eval_every_epochs == 0 or done == urun.epochs:
-        evaluation = pretrain.probe_accuracy(
-          probe_logits, state, test_set, batch_size=cfg.eval_batch_size, mesh=mesh
-        )
-        log.write("test", {"step": step, "epoch": done, **evaluation})
-        logging.info("UMM epoch %d test probe top-1 %.4f", done, evaluation["probe_top1"])
-      if done % config.umm.checkpoint_every_epochs == 0 or done == urun.epochs:
-        save(step, done, evaluation)
-  return state
+  with ckpt, log:
+    return pretrain.train_loop(
+      state, step_fn, step_key, config=config, run=run, mesh=mesh, data_sets=(train_set, test_set),
+      epochs=urun.epochs, checkpoint_every_epochs=config.umm.checkpoint_every_epochs,
+      probe_logits=probe_logits, log=log, start=start, save=save, last_saved=ckpt.latest_step,
+      name=f"UMM {variant} ",
+    )  # fmt: skip
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The `umm` stage of `umm_jax.main`."""
-  finetune(config, workdir)
+  """The `umm` stage of `umm_jax.main`: every variant of `config.umm.variants`, in order."""
+  for variant in config.umm.variants:
+    logging.info("UMM variant %s", variant)
+    finetune(config, workdir, variant)
