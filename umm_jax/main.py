@@ -2,6 +2,12 @@
 
 Runs the stages named in `config.stages`, in order, in the work dir. Everything here is a thin
 layer over library functions that tests and notebooks call too (`validate`, `run`).
+
+Multi-host: every process runs this same command. With `UMM_DISTRIBUTED=1` in the environment
+(launch/slurm.sh, launch/tpu_pod.sh) JAX finds the coordinator, the process count and this
+process's id itself; `--coordinator_address`, `--num_processes` and `--process_id` give them
+explicitly (anywhere else) or override what JAX would find. The work dir must be one that every
+process sees; only process 0 writes to it, except for checkpoints, which every process writes.
 """
 
 import json
@@ -9,6 +15,7 @@ import logging as std_logging
 import pathlib
 from collections.abc import Callable
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +28,7 @@ from umm_jax import (
   methods,
   monitor,
   optim,
+  parallel,
   pretrain,
   report,
   umm,
@@ -50,6 +58,15 @@ _POSITIVE_TRAIN_KEYS = (
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "Multi-host: host:port of process 0 (default: JAX's detection)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Multi-host: the number of processes (default: JAX's detection)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "Multi-host: this process's id in [0, num_processes) (default: detected)."
+)
 
 
 def _check(name: str, value, valid) -> None:
@@ -105,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
   for stage in config.stages:
     logging.info("stage %s", stage)
     STAGES[stage](config, workdir)
@@ -122,6 +140,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  parallel.initialize_distributed(
+    coordinator_address=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+  )
+  parallel.log_topology()
   run(_CONFIG.value, _WORKDIR.value)
 
 
