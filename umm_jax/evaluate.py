@@ -123,9 +123,9 @@ def extract_features(
     )
     result = fn(variables, jax.device_put(padded, parallel.batch_sharding(mesh)), mean, std)
     if pending is not None:
-      parts.append({k: np.asarray(v)[: pending[1]] for k, v in pending[0].items()})
+      parts.append({k: parallel.fetch(v)[: pending[1]] for k, v in pending[0].items()})
     pending = (result, len(batch))
-  parts.append({k: np.asarray(v)[: pending[1]] for k, v in pending[0].items()})
+  parts.append({k: parallel.fetch(v)[: pending[1]] for k, v in pending[0].items()})
   return {layer: np.concatenate([p[layer] for p in parts]) for layer in layers}
 
 
@@ -429,6 +429,8 @@ def run_stage(config, workdir) -> dict:
       )
   if not out:
     raise ValueError(f"evaluate: no checkpoints under {workdir}; run the pretrain stage first")
+  if jax.process_index() != 0:  # every process measured the same; one writes
+    return out
   (workdir / RESULTS_FILE).write_text(json.dumps(out, indent=2))
   lines = [f"{'encoder':20s} {'layer':10s} {'protocol':14s} {'top1':>7s} {'top5':>7s}"]
   for name, entry in out.items():

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -102,6 +103,15 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   array, each device holding its rows. With one process it is a sharded `device_put`.
   """
   return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
+
+
+def fetch(array: jax.Array) -> np.ndarray:
+  """The whole of `array` as NumPy on every process, also when it is sharded across processes.
+
+  `np.asarray` refuses an array with shards on other processes' devices (a batch-sharded output
+  of a multi-host run); this gathers them first. With one process it is `np.asarray`.
+  """
+  return multihost_utils.process_allgather(array, tiled=True)
 
 
 def replicate(tree, mesh: Mesh):

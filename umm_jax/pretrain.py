@@ -176,7 +176,7 @@ def probe_accuracy(logits_fn, state, dataset: data.Dataset, *, batch_size: int, 
     labels = dataset.labels[start : start + batch_size]
     pad = batch_size - len(images)  # a fixed shape: one compilation for the last batch too
     padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    scores = np.asarray(logits_fn(state, jax.device_put(padded, parallel.batch_sharding(mesh))))
+    scores = parallel.fetch(logits_fn(state, jax.device_put(padded, parallel.batch_sharding(mesh))))
     top5 = np.argsort(-scores[: len(labels)], axis=-1)[:, :5]
     correct1 += int(np.sum(top5[:, 0] == labels))
     correct5 += int(np.sum(np.any(top5 == labels[:, None], axis=-1)))
