@@ -380,7 +380,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     logging.warning(message, directory, config.seed)
     result = _random_encoder(config, model, train_set, test_set, settings=settings)
     _write(output, result)
-  print(summary(result) + f"\n(written to {output})")
+  if jax.process_index() == 0:  # the process that wrote it
+    print(summary(result) + f"\n(written to {output})")
 
 
 def summary(result: dict) -> str:
