@@ -2,8 +2,8 @@
 # Runs umm_jax on this machine: one process over all of its local devices (GPUs, TPU, or CPU).
 #
 # Multi-process interface (shared by launch/slurm.sh and launch/tpu_pod.sh): a launcher that
-# starts several processes sets UMM_DISTRIBUTED=1, and umm_jax.main is then to call
-# jax.distributed.initialize() before it touches a device (not wired in main.py yet). JAX reads
+# starts several processes sets UMM_DISTRIBUTED=1, and umm_jax.main then calls
+# jax.distributed.initialize() before it touches a device (umm_jax.parallel). JAX reads
 # the rest itself: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_LOCAL_DEVICE_IDS (this
 # process's GPUs), and the process count and id from the cluster (SLURM_NTASKS / SLURM_PROCID
 # under srun, the TPU VM metadata on a pod). This script starts a single process, so it sets

@@ -4,7 +4,7 @@
 # Outside an allocation the script submits itself with sbatch; inside one (SLURM_JOB_ID is set:
 # the sbatch job, or salloc) it starts the processes with srun. Every process runs
 # `python -m umm_jax.main --config=... --workdir=...` with this environment, the interface
-# umm_jax.main is to read (jax.distributed.initialize() is not wired in main.py yet):
+# umm_jax.main reads (umm_jax.parallel.initialize_distributed):
 #   UMM_DISTRIBUTED=1        several processes: call jax.distributed.initialize() first.
 #   JAX_COORDINATOR_ADDRESS  host:port of process 0: the job's first node; the port is --port,
 #                            by default JAX's own choice for SLURM (61440 + job id mod 4096).
@@ -13,8 +13,7 @@
 #                            With --per=gpu JAX takes SLURM_LOCALID, the task's rank on its node.
 #   SLURM_NTASKS, SLURM_PROCID  the number of processes and this one's id, set by srun and read
 #                            by JAX's SLURM detection.
-# So the wiring in main.py is `if os.environ.get("UMM_DISTRIBUTED") == "1":
-# jax.distributed.initialize()`, with explicit arguments only to override these.
+# main.py's --coordinator_address / --num_processes / --process_id override these.
 set -euo pipefail
 
 usage() {

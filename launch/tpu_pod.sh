@@ -8,8 +8,7 @@
 # output here (Ctrl-C stops streaming and the run; re-running the same command resumes it).
 #
 # Multi-process interface (as launch/slurm.sh): every worker runs with UMM_DISTRIBUTED=1, on
-# which umm_jax.main is to call jax.distributed.initialize() before it touches a device (not
-# wired in main.py yet). On TPU VMs JAX takes the coordinator address, the number of processes
+# which umm_jax.main calls jax.distributed.initialize() before it touches a device. On TPU VMs JAX takes the coordinator address, the number of processes
 # and each one's id from the TPU metadata, so no other variable is needed.
 set -euo pipefail
 
