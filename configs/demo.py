@@ -4,9 +4,10 @@ Run: python -m umm_jax.main --config=configs/demo.py --workdir=runs/demo
 Expect: three epochs of SimCLR pre-training of a narrow ResNet-18 (width 16) on the 8,000 embedded
 training images at 28 px (checkpoints after each epoch; the online probe's test accuracy in
 metrics.jsonl), the layer-wise monitor of the three checkpoints (kNN, linear and label-free ΔR of
-layer1-layer4 on subsets of 2,000 train / 1,000 test images), the offline kNN and linear probes of
-the last checkpoint on the full splits (evaluation.json), and report.md with its plots. The
-README gives the measured run time and accuracies.
+layer1-layer4 on subsets of 2,000 train / 1,000 test images), one epoch of UMM from the last
+checkpoint (umm/umm/), the offline kNN and linear probes of the baseline and the +UMM encoder on
+the full splits (evaluation.json), and report.md comparing them, with its plots. The README gives
+the measured run time and accuracies.
 """
 
 from configs import default
@@ -28,4 +29,13 @@ def get_config():
   c.monitor.num_images = 512
   c.monitor.chunk_size = 256
   c.evaluate.linear_epochs = 100
+  # UMM after pre-training (then evaluate and report compare the baseline with +UMM), sized for
+  # minutes on a CPU: one epoch, f_late = layer4, the finite-difference hyper-gradient, 4 sketch
+  # directions. The paper's settings are the `umm` block's defaults (configs/default.py).
+  c.stages = ("pretrain", "monitor", "umm", "evaluate", "report")
+  c.umm.epochs = 1
+  c.umm.split = "layer3"
+  c.umm.hypergrad = "finite_difference"
+  c.umm.num_directions = 4
+  c.umm.checkpoint_every_epochs = 1
   return c

@@ -14,6 +14,7 @@ step's key of `(seed, step)`, so a resumed run reproduces the uninterrupted one.
 SIGTERM (pre-emption) save a checkpoint at the current step before the run stops.
 """
 
+import functools
 import json
 import math
 import os
@@ -104,8 +105,10 @@ def build(config: ml_collections.ConfigDict, train_set: data.Dataset) -> Run:
 
 
 def init_state(run: Run, key: jax.Array) -> train.TrainState:
-  return train.init_state(
-    key,
+  """The run's initial state, built by one jitted function (op by op, every initialiser and
+  optimiser-state leaf would compile on its own: hundreds of small compilations)."""
+  init = functools.partial(
+    train.init_state,
     model=run.model,
     heads=run.heads,
     method=run.method,
@@ -115,6 +118,7 @@ def init_state(run: Run, key: jax.Array) -> train.TrainState:
     num_classes=run.num_classes,
     probe_tx=run.probe_tx,
   )
+  return jax.jit(init)(key)
 
 
 def load_backbone(ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, dict]:
