@@ -238,3 +238,26 @@ def test_stage_without_checkpoints_measures_the_random_encoder(run_dir, tmp_path
   assert result["encoder"].startswith("random init (seed 0)")
   assert list(result["checkpoints"]) == ["0"]
   assert set(result["checkpoints"]["0"]["layers"]) == set(LAYERS)
+
+
+def test_stage_measures_the_checkpoints_of_each_umm_variant(run_dir, measured, tmp_path):
+  """UMM checkpoints are `TrainState`s as pre-training's: a copy must measure the same."""
+  workdir, config, *_ = run_dir
+  _copy(workdir, tmp_path, with_monitor=True)  # pre-training already measured: skipped
+  umm_checkpoints = tmp_path / "umm" / "no_js" / pretrain.CHECKPOINT_DIR
+  keep = {"12"}
+  shutil.copytree(
+    workdir / pretrain.CHECKPOINT_DIR,
+    umm_checkpoints,
+    ignore=lambda d, names: [
+      n for n in names if d.endswith(pretrain.CHECKPOINT_DIR) and n not in keep
+    ],
+  )
+  monitor.run_stage(config, tmp_path)
+  assert not monitor.umm_output(tmp_path, "umm").exists()
+  result = json.loads(monitor.umm_output(tmp_path, "no_js").read_text())
+  assert result["encoder"] == "UMM no_js" and list(result["checkpoints"]) == ["12"]
+  expected = measured[0]["checkpoints"]["12"]["layers"]
+  for layer, values in result["checkpoints"]["12"]["layers"].items():
+    for name in ("knn_top1", "linear_top1", "delta"):
+      np.testing.assert_allclose(values[name], expected[layer][name], rtol=1e-5, atol=1e-6)

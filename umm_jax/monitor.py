@@ -36,7 +36,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from umm_jax import augment, checkpoint, crr, data, evaluate, methods, overfitting, pretrain
+from umm_jax import (
+  augment,
+  checkpoint,
+  crr,
+  data,
+  evaluate,
+  methods,
+  overfitting,
+  pretrain,
+  umm,
+  umm_stage,
+)
 from umm_jax.models import resnet
 
 MONITOR_FILE = "monitor.json"
@@ -302,13 +313,15 @@ def run(
   output: str | os.PathLike | None = None,
   steps: Sequence[int] | None = None,
   dataset: str = "",
+  encoder: str = "checkpoints",
   mesh=None,
 ) -> dict:
   """Measures every checkpoint (or `steps`) of `checkpoint_dir`; returns the `monitor.json` dict.
 
   With `output`, the dict is written there after each checkpoint, and checkpoints already in
-  an existing `output` of the same protocol are not measured again. `dataset` only names the
-  data in the protocol. Raises a `ValueError` naming the path of a missing or corrupt checkpoint.
+  an existing `output` of the same protocol and `encoder` are not measured again. `dataset`
+  only names the data in the protocol, `encoder` the checkpoints. Raises a `ValueError` naming
+  the path of a missing or corrupt checkpoint.
   """
   directory = pathlib.Path(checkpoint_dir)
   if not directory.is_dir():
@@ -316,8 +329,8 @@ def run(
   inputs = prepare(train_set, test_set, settings)
   sizes = dict(n_train=len(inputs.train_labels), n_test=len(inputs.test_labels))
   protocol = settings.protocol(dataset=dataset, image_size=image_size, **sizes)
-  result = dict(protocol=protocol, encoder="checkpoints", checkpoint_dir=str(directory))
-  result["checkpoints"] = dict(_previous(output, protocol, "checkpoints"))
+  result = dict(protocol=protocol, encoder=encoder, checkpoint_dir=str(directory))
+  result["checkpoints"] = dict(_previous(output, protocol, encoder))
   with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
     todo = ckpt.all_steps() if steps is None else list(steps)
     for step in todo:
@@ -356,32 +369,52 @@ def _random_encoder(config, model, train_set, test_set, *, settings: Settings) -
   return dict(protocol=protocol, encoder=encoder, checkpoint_dir=None, checkpoints=checkpoints)
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The `monitor` stage: every checkpoint of `<workdir>/checkpoints` into `monitor.json`.
+def _steps(directory: pathlib.Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
+    return ckpt.all_steps()
 
-  Resumable (checkpoints already measured are skipped). With no checkpoints, the randomly
-  initialised encoder pre-training starts from is measured instead, as step 0, and the log
-  says so.
+
+def umm_output(workdir: str | pathlib.Path, variant: str) -> pathlib.Path:
+  """Where the monitor writes the measurements of UMM variant `variant`'s checkpoints."""
+  return umm_stage.variant_dir(workdir, variant) / MONITOR_FILE
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The `monitor` stage: every checkpoint of the work dir's encoders, resumable.
+
+  `<workdir>/checkpoints` (pre-training) into `monitor.json`; then, for every UMM variant the
+  `umm` stage ran, `umm/<variant>/checkpoints` into `umm/<variant>/monitor.json` (the paper's
+  Figure 5: accuracy and ΔR along UMM; epochs there are UMM epochs). Put `monitor` after `umm`
+  in `config.stages` to measure both. Checkpoints already measured are skipped. With no
+  pre-training checkpoints, the randomly initialised encoder pre-training starts from is
+  measured instead, as step 0, and the log says so.
   """
   settings = Settings.from_config(config)
   train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
   model = pretrain.create_model(config)
-  output, directory = workdir / MONITOR_FILE, workdir / pretrain.CHECKPOINT_DIR
-  steps = []
-  if directory.is_dir():
-    with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
-      steps = ckpt.all_steps()
-  if steps:
-    logging.info("monitor: %d checkpoints in %s", len(steps), directory)
-    kw = dict(image_size=config.data.image_size, output=output, dataset=config.data.name)
-    result = run(directory, model, train_set, test_set, settings=settings, **kw)
-  else:
-    message = "monitor: no checkpoints in %s; measuring the randomly initialised encoder (seed %d)"
-    logging.warning(message, directory, config.seed)
-    result = _random_encoder(config, model, train_set, test_set, settings=settings)
-    _write(output, result)
-  if jax.process_index() == 0:  # the process that wrote it
-    print(summary(result) + f"\n(written to {output})")
+  kw = dict(image_size=config.data.image_size, dataset=config.data.name, settings=settings)
+  todo = [(workdir / pretrain.CHECKPOINT_DIR, workdir / MONITOR_FILE, "checkpoints")]
+  for variant in umm.VARIANTS:
+    directory = umm_stage.variant_dir(workdir, variant) / pretrain.CHECKPOINT_DIR
+    todo.append((directory, umm_output(workdir, variant), f"UMM {variant}"))
+  for index, (directory, output, encoder) in enumerate(todo):
+    steps = _steps(directory)
+    if steps:
+      logging.info("monitor: %d checkpoints in %s", len(steps), directory)
+      result = run(directory, model, train_set, test_set, output=output, encoder=encoder, **kw)
+    elif index == 0:
+      message = (
+        "monitor: no checkpoints in %s; measuring the randomly initialised encoder (seed %d)"
+      )
+      logging.warning(message, directory, config.seed)
+      result = _random_encoder(config, model, train_set, test_set, settings=settings)
+      _write(output, result)
+    else:
+      continue
+    if jax.process_index() == 0:  # the process that wrote it
+      print(summary(result) + f"\n(written to {output})")
 
 
 def summary(result: dict) -> str:
