@@ -8,7 +8,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from configs import test as test_config
-from umm_jax import evaluate, monitor, pretrain, report
+from umm_jax import evaluate, monitor, pretrain, report, umm_stage
 
 EPOCHS = [5, 10, 15, 20, 25, 30]
 CURVES = {  # layer1 rises and stays; layer4 rises, peaks at epoch 15 and falls (the paper's Fig. 1)
@@ -133,6 +133,7 @@ def test_missing_files_are_stated(tmp_path, metrics):
     assert f"No `{pretrain.METRICS_FILE}`" in text
     assert not any((tmp_path / report.PLOTS_DIR).iterdir())
   assert re.search(r"Run: method `simclr`, data `synthetic`, model `resnet10`", text)
+  assert "Figure 5" not in text  # no umm/<variant>/monitor.json: no section, no error
 
 
 def test_evaluation_results_are_tabulated_with_their_protocols(tmp_path):
@@ -180,3 +181,28 @@ def test_variants_are_compared_with_the_baseline_in_table_1_layout(tmp_path):
   # One encoder alone has nothing to be compared with.
   (tmp_path / evaluate.RESULTS_FILE).write_text(json.dumps({"baseline": results["baseline"]}))
   assert "Table 1 layout" not in report.write(tmp_path).read_text()
+
+
+def test_umm_curves_start_from_the_newest_pre_training_checkpoint(tmp_path):
+  _work_dir(tmp_path, _result(), metrics=False)  # pre-training: epochs 5 to 30, steps 500 to 3000
+  for variant in ("umm", "interleaved"):
+    directory = umm_stage.variant_dir(tmp_path, variant)
+    directory.mkdir(parents=True)
+    (directory / monitor.MONITOR_FILE).write_text(json.dumps(_result(epochs=[1, 2])))
+  text = report.write(tmp_path).read_text()
+  assert "## Along UMM fine-tuning (Figure 5)" in text and "Layer `layer4`" in text
+  assert f"]({report.PLOTS_DIR}/{report.UMM_PNG})" in text
+  _check_png(tmp_path / report.PLOTS_DIR / report.UMM_PNG)
+  # +UMM epoch 0: layer4 of the pre-training checkpoint at epoch 30 (kNN 0.69, linear 0.74, ΔR 3).
+  assert "| +UMM | 0 | 3000 (pre-training) | 69.00 | 74.00 | 3.0000 |" in text
+  assert "| +UMM | 1 | 100 | 50.00 | 55.00 | 2.0000 |" in text
+  assert "| +UMM | 2 | 200 | 70.00 | 75.00 | 3.0000 |" in text
+  # The interleaved variant pre-trains from the initial state: no epoch 0 borrowed for it.
+  assert "| & UMM (interleaved) | 0 |" not in text
+  assert "| & UMM (interleaved) | 1 | 100 | 50.00 |" in text
+  curves = report.umm_curves(tmp_path)
+  assert list(curves) == ["umm", "interleaved"] and curves["umm"]["start"]
+  np.testing.assert_array_equal(curves["umm"]["epoch"], [0, 1, 2])
+  # Without the pre-training monitor the UMM curve starts at its own first checkpoint.
+  (tmp_path / monitor.MONITOR_FILE).unlink()
+  np.testing.assert_array_equal(report.umm_curves(tmp_path)["umm"]["epoch"], [1, 2])

@@ -1,10 +1,11 @@
 """The `report` stage: `report.md` and PNG plots in the work dir, from what earlier stages wrote.
 
 Reads `config.json` (`umm_jax.main`), `metrics.jsonl` (`umm_jax.pretrain`), `monitor.json`
-(`umm_jax.monitor`) and `evaluation.json` (`umm_jax.evaluate`); a missing file is said so in
-the report (or, for `evaluation.json`, its section left out), not an error. Writes `report.md`
-and `plots/*.png`, drawn on matplotlib's Agg canvas (no display; pyplot's global state is left
-alone), each `FIGSIZE` inches at `DPI`. Every number stands beside its protocol.
+and `umm/<variant>/monitor.json` (`umm_jax.monitor`) and `evaluation.json` (`umm_jax.evaluate`);
+a missing file is said so in the report (or, for the UMM monitor and `evaluation.json`, its
+section left out), not an error. Writes `report.md` and `plots/*.png`, drawn on matplotlib's Agg
+canvas (no display; pyplot's global state is left alone), each `FIGSIZE` inches at `DPI`. Every
+number stands beside its protocol.
 
 Figures, one per finding:
 - `pretrain.png`: train loss and test top-1 of the online probe per epoch.
@@ -14,6 +15,11 @@ Figures, one per finding:
   Pearson's r (Fig. 6).
 - `pearson.png`: Pearson's r of accuracy and ΔR per layer (Table 11).
 - `cost.png`: seconds per checkpoint of each signal (Table 9).
+- `umm.png`: accuracy and ΔR of the last layer against UMM epoch, per variant (Fig. 5).
+
+`umm_jax.aggregate` draws the same findings over many work dirs with this module's helpers
+(`figure`, `save`, `table`, `items`, `normalized`, `protocol_lines`, `read_monitor`,
+`umm_curves`).
 """
 
 import json
@@ -26,7 +32,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from umm_jax import evaluate, monitor, overfitting, pretrain
+from umm_jax import evaluate, monitor, overfitting, pretrain, umm, umm_stage
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -44,18 +50,19 @@ COST_ROWS = {
 CORRELATION_PNG = "accuracy_vs_rate_reduction.png"
 # Every plot the report may draw; a rerun removes them first, so none outlives its data.
 PLOTS = ("pretrain.png", "accuracy.png", "rate_reduction.png", CORRELATION_PNG, "pearson.png")
-PLOTS += ("cost.png",)
+UMM_PNG = "umm.png"
+PLOTS += ("cost.png", UMM_PNG)
 _ACC = {"knn": "kNN", "linear": "linear"}
 _BOLD = ("knn_top1", "linear_top1", "delta")  # the curves whose peaks the tables mark
 
 
-def _figure(title: str, nrows: int = 1, ncols: int = 1):
+def figure(title: str, nrows: int = 1, ncols: int = 1):
   fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
   fig.suptitle(title, fontsize=13)
   return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 
 
-def _save(fig: Figure, path: pathlib.Path) -> str:
+def save(fig: Figure, path: pathlib.Path) -> str:
   fig.savefig(path, dpi=DPI)  # no bbox_inches='tight': the pixel size stays FIGSIZE x DPI
   return f"{PLOTS_DIR}/{path.name}"
 
@@ -68,12 +75,12 @@ def _num(value, digits: int = 4) -> str:
   return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-def _items(protocol: dict) -> str:
+def items(protocol: dict) -> str:
   return "; ".join(f"{k} = {v}" for k, v in protocol.items())
 
 
@@ -92,7 +99,7 @@ def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_pretrain(train: list[dict], test: list[dict], path: pathlib.Path) -> str:
-  fig, (loss_ax, acc_ax) = _figure("Pre-training", 1, 2)
+  fig, (loss_ax, acc_ax) = figure("Pre-training", 1, 2)
   loss_ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="tab:blue")
   loss_ax.set(title="SSL loss (train)", xlabel="epoch", ylabel="loss")
   epochs, top1 = [r["epoch"] for r in test], [100 * r["probe_top1"] for r in test]
@@ -102,7 +109,7 @@ def plot_pretrain(train: list[dict], test: list[dict], path: pathlib.Path) -> st
     ax.grid(alpha=0.3)
   loss_ax.legend(["train loss"])
   acc_ax.legend()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def pretrain_section(workdir: pathlib.Path, config: dict | None, plots: pathlib.Path) -> str:
@@ -128,7 +135,7 @@ def pretrain_section(workdir: pathlib.Path, config: dict | None, plots: pathlib.
       f"tested on the whole {dataset} test split (non-augmented images). Train loss: the SSL loss "
       "averaged over the last log interval before the epoch's end.",
       f"![pre-training]({plot_pretrain(train, test, plots / 'pretrain.png')})",
-      _table(header, rows),
+      table(header, rows),
     ]
   )
 
@@ -147,7 +154,7 @@ def _style(ax, x: np.ndarray) -> None:
     ax.set_xticks(x)
 
 
-def _normalized(values: np.ndarray) -> np.ndarray:
+def normalized(values: np.ndarray) -> np.ndarray:
   try:
     return overfitting.normalize(values)
   except ValueError:  # nothing measured, or no positive value: nothing to draw
@@ -156,7 +163,7 @@ def _normalized(values: np.ndarray) -> np.ndarray:
 
 def plot_accuracy(curves: dict, accuracies: list[str], path: pathlib.Path) -> str:
   x, xlabel = _x(curves)
-  fig, axes = _figure("Test accuracy per layer across checkpoints", 1, len(accuracies))
+  fig, axes = figure("Test accuracy per layer across checkpoints", 1, len(accuracies))
   colors = _colors(len(curves["layers"]))
   for ax, acc in zip(axes, accuracies, strict=True):
     for color, (layer, values) in zip(colors, curves["layers"].items(), strict=True):
@@ -164,45 +171,45 @@ def plot_accuracy(curves: dict, accuracies: list[str], path: pathlib.Path) -> st
     ax.set(title=f"{_ACC[acc]} top-1", xlabel=xlabel, ylabel="test top-1 accuracy (%)")
     _style(ax, x)
     ax.legend(title="layer")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_rate_reduction(curves: dict, path: pathlib.Path) -> str:
   x, xlabel = _x(curves)
-  fig, (ax,) = _figure("Label-free ΔR per layer across checkpoints (divided by its maximum)")
+  fig, (ax,) = figure("Label-free ΔR per layer across checkpoints (divided by its maximum)")
   layers = curves["layers"]
   for color, (layer, values) in zip(_colors(len(layers)), layers.items(), strict=True):
-    ax.plot(x, _normalized(values["delta"]), "s-", color=color, label=layer)
+    ax.plot(x, normalized(values["delta"]), "s-", color=color, label=layer)
   ax.set(xlabel=xlabel, ylabel="ΔR / max ΔR")
   _style(ax, x)
   ax.legend(title="layer")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_correlation(curves: dict, analysis: dict, accuracies, path: pathlib.Path) -> str:
   x, xlabel = _x(curves)
   layers = list(curves["layers"])
   title = "Accuracy and ΔR across checkpoints (each divided by its maximum)"
-  fig, axes = _figure(title, -(-len(layers) // 2), min(len(layers), 2))
+  fig, axes = figure(title, -(-len(layers) // 2), min(len(layers), 2))
   styles = {"knn": ("o-", "tab:blue"), "linear": ("^--", "tab:orange")}
   for ax, layer in zip(axes, layers, strict=False):
     values, pearson = curves["layers"][layer], analysis[layer]["pearson"]
     for acc in accuracies:
       marker, color = styles[acc]
-      y = _normalized(values[f"{acc}_top1"])
+      y = normalized(values[f"{acc}_top1"])
       ax.plot(x, y, marker, color=color, label=f"{_ACC[acc]} top-1")
-    ax.plot(x, _normalized(values["delta"]), "s:", color="tab:green", label="ΔR")
+    ax.plot(x, normalized(values["delta"]), "s:", color="tab:green", label="ΔR")
     r = ", ".join(f"r({_ACC[a]}, ΔR) = {_num(pearson[a], 2)}" for a in accuracies)
     ax.set(title=f"{layer}: {r}", xlabel=xlabel, ylabel="value / max")
     _style(ax, x)
     ax.legend(fontsize=8)
   for ax in axes[len(layers) :]:
     ax.set_visible(False)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_pearson(analysis: dict, accuracies, path: pathlib.Path) -> str:
-  fig, (ax,) = _figure("Pearson's r of test accuracy and ΔR across checkpoints (cf. Table 11)")
+  fig, (ax,) = figure("Pearson's r of test accuracy and ΔR across checkpoints (cf. Table 11)")
   layers, width = list(analysis), 0.8 / len(accuracies)
   for i, acc in enumerate(accuracies):
     r = np.array([analysis[layer]["pearson"][acc] for layer in layers])
@@ -214,29 +221,29 @@ def plot_pearson(analysis: dict, accuracies, path: pathlib.Path) -> str:
   ax.set(xticks=range(len(layers)), xticklabels=layers, ylim=(-1.1, 1.15))
   ax.set(xlabel="layer", ylabel="Pearson's r")
   ax.legend()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_cost(cost: dict, path: pathlib.Path) -> str:
-  fig, (ax,) = _figure("Wall-clock cost per checkpoint of each signal (cf. Table 9)")
+  fig, (ax,) = figure("Wall-clock cost per checkpoint of each signal (cf. Table 9)")
   names = list(cost)
   bars = ax.barh(names, [cost[n]["median"] for n in names], color="tab:purple")
   ax.bar_label(bars, labels=[f"{cost[n]['median']:.3g} s" for n in names], padding=3)
   ax.set(xlabel="seconds per checkpoint (median over checkpoints)", ylabel="signal")
   ax.invert_yaxis()
   ax.grid(alpha=0.3, axis="x")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- monitor tables
 
 
-def _protocol_lines(protocol: dict) -> str:
+def protocol_lines(protocol: dict) -> str:
   names = {"knn": "kNN", "linear": "Linear probe", "rate_reduction": "ΔR (label-free)"}
   lines = [f"- Layers: {', '.join(protocol['layers'])}."]
   for key, name in names.items():
     if key in protocol:
-      lines.append(f"- {name}: {_items(protocol[key])}")
+      lines.append(f"- {name}: {items(protocol[key])}")
   return "\n".join(lines)
 
 
@@ -255,7 +262,7 @@ def layer_tables(curves: dict, analysis: dict) -> str:
         row.append(f"**{cell}**" if k in _BOLD and analysis[layer]["peak"][k] == i else cell)
       rows.append(row)
     header = ["step", "epoch", *(name for name, _ in shown.values())]
-    parts.append(f"### {layer}\n\n" + _table(header, rows))
+    parts.append(f"### {layer}\n\n" + table(header, rows))
   return "\n\n".join(parts)
 
 
@@ -265,7 +272,7 @@ def correlation_table(analysis: dict, accuracies, count: int) -> str:
   ]
   header = ["layer", *(f"r({_ACC[a]} top-1, ΔR)" for a in accuracies)]
   return (
-    _table(header, rows) + f"\n\nPearson's r over the {count} checkpoints' curves "
+    table(header, rows) + f"\n\nPearson's r over the {count} checkpoints' curves "
     "(n/a: fewer than 2 checkpoints or a constant curve). The paper's Table 11 reports 0.92-0.98 "
     "(every 5 epochs, 5 methods, 5 data sets)."
     + (" With 2 checkpoints r is ±1 by construction." if count == 2 else "")
@@ -297,7 +304,7 @@ def early_stopping_section(curves: dict, analysis: dict, accuracies) -> str:
     f"Label-free suggestion: keep the checkpoint at {chosen}, the ΔR peak of the last "
     f"monitored layer ({last}), chosen without labels. " + "; ".join(headline) + "."
   )
-  return f"{suggestion}\n\n{_table(header, rows)}"
+  return f"{suggestion}\n\n{table(header, rows)}"
 
 
 def peak_table(curves: dict, analysis: dict) -> str:
@@ -314,7 +321,7 @@ def peak_table(curves: dict, analysis: dict) -> str:
       row.append(f"{x[i]:g} " + ("(the last)" if i == len(x) - 1 else f"(last: {text} lower)"))
     rows.append(row)
   header = ["layer", *(f"{name} peak {unit}" for name in names.values())]
-  return _table(header, rows) + (
+  return table(header, rows) + (
     "\n\nAn early layer whose curves stay at their peak while the last layer's fall after it is "
     "the paper's overfitting pattern (Section 4)."
   )
@@ -345,7 +352,7 @@ def cost_table(cost: dict) -> str:
     what = COST_ROWS.get(k, f"{k.split()[0]} and the forward pass of its train and test images")
     rows.append([k, f"{c['median']:.3g}", f"{c['first']:.3g}", PAPER_COST.get(k, "-"), what])
   header = ["signal", "median s / checkpoint", "first checkpoint s", "paper s", "what it times"]
-  return _table(header, rows) + (
+  return table(header, rows) + (
     "\n\nMedian over the checkpoints after the first, whose time includes compilation. Paper: "
     "Table 9, one V100, CIFAR-10, linear 500 epochs, kNN k = 5 (each with its features: compare "
     "the paper's kNN and linear with the '+ features' rows)."
@@ -369,7 +376,7 @@ def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
     + (f" of `{result['checkpoint_dir']}`" if result.get("checkpoint_dir") else "")
     + "). Test accuracy and ΔR of each layer's pooled features at each checkpoint (Section 4 of "
     "the paper). Protocol of every number below:",
-    _protocol_lines(protocol),
+    protocol_lines(protocol),
     layer_tables(curves, analysis),
   ]
   if accuracies:
@@ -378,8 +385,8 @@ def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
     parts.append(f"![ΔR]({plot_rate_reduction(curves, plots / 'rate_reduction.png')})")
   parts += ["### Peaks", peak_table(curves, analysis)]
   if accuracies and has_delta:
-    figure = plot_correlation(curves, analysis, accuracies, plots / CORRELATION_PNG)
-    parts += ["### Correlation of accuracy and ΔR (Table 11)", f"![accuracy and ΔR]({figure})"]
+    drawn = plot_correlation(curves, analysis, accuracies, plots / CORRELATION_PNG)
+    parts += ["### Correlation of accuracy and ΔR (Table 11)", f"![accuracy and ΔR]({drawn})"]
     parts += [correlation_table(analysis, accuracies, count)]
     parts += [f"![Pearson]({plot_pearson(analysis, accuracies, plots / 'pearson.png')})"]
     parts += ["### Early stopping by ΔR", early_stopping_section(curves, analysis, accuracies)]
@@ -387,6 +394,92 @@ def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
   parts += ["### Cost of each signal (Table 9)", cost_table(cost)]
   parts += [f"![cost]({plot_cost(cost, plots / 'cost.png')})"]
   return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- UMM curves
+
+
+def read_monitor(path: pathlib.Path) -> dict | None:
+  """The `monitor.json` dict at `path`; None if absent or without a measured checkpoint."""
+  result = json.loads(path.read_text()) if path.exists() else None
+  return result if result and result.get("checkpoints") else None
+
+
+def umm_curves(workdir: str | pathlib.Path) -> dict[str, dict]:
+  """The last layer's curves against UMM epoch of each variant with a `umm/<variant>/monitor.json`.
+
+  Returns `{variant: {'layer', 'protocol', 'step': [n], 'epoch': [n], 'values': {value: [n]},
+  'start': bool}}` in `umm.VARIANTS` order, `value` over `overfitting.VALUES`. Where the variant
+  fine-tunes the pre-trained encoder (all but 'interleaved', which pre-trains from the initial
+  state) and has no epoch 0 of its own, epoch 0 is the newest checkpoint of the work dir's
+  `monitor.json` (`start` True; its step is the pre-training step).
+  """
+  workdir = pathlib.Path(workdir)
+  pretrained = read_monitor(workdir / monitor.MONITOR_FILE)
+  out = {}
+  for variant in umm.VARIANTS:
+    result = read_monitor(umm_stage.variant_dir(workdir, variant) / monitor.MONITOR_FILE)
+    if result is None:
+      continue
+    curves, layer = overfitting.curves(result), result["protocol"]["layers"][-1]
+    step, epoch, values = curves["step"], curves["epoch"], curves["layers"][layer]
+    start = variant != "interleaved" and 0 not in epoch and pretrained is not None
+    start = start and layer in pretrained["protocol"]["layers"]
+    if start:
+      first = overfitting.curves(pretrained)
+      step, epoch = np.append(first["step"][-1], step), np.append(0.0, epoch)
+      values = {k: np.append(first["layers"][layer][k][-1], v) for k, v in values.items()}
+    out[variant] = dict(layer=layer, protocol=result["protocol"], step=step, epoch=epoch)
+    out[variant].update(values=values, start=start)
+  return out
+
+
+def plot_umm(curves: dict[str, dict], path: pathlib.Path) -> str:
+  title = "Last layer along UMM fine-tuning, per variant (cf. Fig. 5)"
+  fig, (acc_ax, delta_ax) = figure(title, 1, 2)
+  for color, (variant, c) in zip(_colors(len(curves)), curves.items(), strict=True):
+    label, values = umm.VARIANT_LABELS[variant], c["values"]
+    for acc, marker in (("knn", "o-"), ("linear", "^--")):
+      if np.any(~np.isnan(values[f"{acc}_top1"])):
+        y = 100 * values[f"{acc}_top1"]
+        acc_ax.plot(c["epoch"], y, marker, color=color, label=f"{label}: {_ACC[acc]}")
+    delta_ax.plot(c["epoch"], values["delta"], "s-", color=color, label=label)
+  layer = next(iter(curves.values()))["layer"]
+  acc_ax.set(title=f"{layer}: test top-1", xlabel="UMM epoch", ylabel="test top-1 accuracy (%)")
+  delta_ax.set(title=f"{layer}: label-free ΔR", xlabel="UMM epoch", ylabel="ΔR")
+  epochs = np.unique(np.concatenate([c["epoch"] for c in curves.values()]))
+  for ax in (acc_ax, delta_ax):
+    _style(ax, epochs)
+    ax.legend(fontsize=8)
+  return save(fig, path)
+
+
+def umm_section(workdir: pathlib.Path, plots: pathlib.Path) -> str | None:
+  """Figure 5: accuracy and ΔR of the last layer along each UMM variant; None without data."""
+  curves = umm_curves(workdir)
+  if not curves:
+    return None
+  rows = []
+  for variant, c in curves.items():
+    for i, (step, epoch) in enumerate(zip(c["step"], c["epoch"], strict=True)):
+      where = f"{int(step)} (pre-training)" if c["start"] and i == 0 else int(step)
+      v = {k: values[i] for k, values in c["values"].items()}
+      cells = [_pct(v["knn_top1"]), _pct(v["linear_top1"]), _num(v["delta"])]
+      rows.append([umm.VARIANT_LABELS[variant], f"{epoch:g}", where, *cells])
+  header = ["encoder", "UMM epoch", "step", "kNN top-1 (%)", "linear top-1 (%)", "ΔR"]
+  first = next(iter(curves.values()))
+  return "\n\n".join(
+    [
+      "## Along UMM fine-tuning (Figure 5)",
+      f"Layer `{first['layer']}` at each checkpoint of each UMM variant "
+      "(`umm/<variant>/monitor.json`), against UMM epoch. Epoch 0 is the pre-trained encoder UMM "
+      "starts from (the newest checkpoint in `monitor.json`), where measured; `& UMM` pre-trains "
+      "from the initial state, so its epochs are its own. Protocol:",
+      protocol_lines(first["protocol"]),
+      f"![UMM curves]({plot_umm(curves, plots / UMM_PNG)})",
+      table(header, rows),
+    ]
+  )
 
 
 def evaluation_section(workdir: pathlib.Path) -> str | None:
@@ -401,12 +494,12 @@ def evaluation_section(workdir: pathlib.Path) -> str | None:
         rows.append([encoder, entry["step"], layer, name, _pct(r["top1"]), _pct(r["top5"])])
         protocols.setdefault(name, {k: v for k, v in r["protocol"].items() if k != "layer"})
   header = ["encoder", "step", "layer", "protocol", "top-1 (%)", "top-5 (%)"]
-  lines = "\n".join(f"- {name}: {_items(p)}" for name, p in protocols.items())
+  lines = "\n".join(f"- {name}: {items(p)}" for name, p in protocols.items())
   intro = f"From `{evaluate.RESULTS_FILE}` (stage `evaluate`): frozen pooled features, test split."
   parts = ["## Evaluation of the last checkpoints", intro]
   if len(results) > 1:
     parts += ["### Baseline and UMM variants (Table 1 layout)", comparison_table(results)]
-  parts += ["### Every layer and protocol", _table(header, rows), lines]
+  parts += ["### Every layer and protocol", table(header, rows), lines]
   return "\n\n".join(parts)
 
 
@@ -428,7 +521,7 @@ def comparison_table(results: dict) -> str:
       row.append(_pct(top1) + change)
     rows.append(row)
   header = ["encoder", "step", *(f"{name} top-1 (%)" for name in baseline)]
-  return _table(header, rows) + (
+  return table(header, rows) + (
     f"\n\nLayer `{layer}`; in brackets, the change from the baseline in points. `*`: UMM without "
     "the rate term (α = 0); `**`: without the JS term (β = 0); each variant fine-tunes the "
     "baseline's last checkpoint with the `umm` block of the config. Protocols below."
@@ -455,6 +548,7 @@ def write(workdir: str | pathlib.Path) -> pathlib.Path:
     f"Run: {run}. Work dir: `{workdir}`.",
     pretrain_section(workdir, config, plots),
     monitor_section(workdir, plots),
+    umm_section(workdir, plots),
     evaluation_section(workdir),
   ]
   path = workdir / REPORT_FILE
