@@ -12,7 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from configs import test as test_config
-from umm_jax import aggregate, evaluate, monitor, report, umm_stage
+from umm_jax import aggregate, evaluate, monitor, plots, report, run_groups, umm_stage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ("layer1", "layer4")
@@ -113,9 +113,9 @@ def test_keys_are_detected_when_not_given_and_seed_is_averaged(tmp_path):
   config = json.loads((dirs[0] / report.CONFIG_FILE).read_text())
   config["stages"] = ["report"]  # what ran, not how: a rerun of one stage does not split a group
   (dirs[0] / report.CONFIG_FILE).write_text(json.dumps(config))
-  runs = aggregate.collect(dirs)
-  assert aggregate.grouping_keys(runs) == ["umm.alpha"]  # method.name differs too: always grouped
-  groups = aggregate.group(runs, ["umm.alpha"])
+  runs = run_groups.collect(dirs)
+  assert run_groups.grouping_keys(runs) == ["umm.alpha"]  # method.name differs too: always grouped
+  groups = run_groups.group(runs, ["umm.alpha"])
   assert [(g.method, g.setting, len(g.runs)) for g in groups] == [
     ("byol", (("umm.alpha", 1.0),), 1),
     ("simclr", (("umm.alpha", 0.5),), 1),
@@ -127,10 +127,10 @@ def test_keys_are_detected_when_not_given_and_seed_is_averaged(tmp_path):
   assert summary["group_by"] == ["method.name", "data.name", "umm.alpha"]
   assert summary["keys_detected"]
   # Given keys replace the detected ones: every simclr run in one group, α averaged.
-  groups = aggregate.group(runs, aggregate.grouping_keys(runs, ["umm.beta"]))
+  groups = run_groups.group(runs, run_groups.grouping_keys(runs, ["umm.beta"]))
   assert [len(g.runs) for g in groups] == [1, 4]
   with pytest.raises(ValueError, match="'umm.gamma' is not in .*config.json"):
-    aggregate.grouping_keys(runs, ["umm.gamma"])
+    run_groups.grouping_keys(runs, ["umm.gamma"])
 
 
 def test_table_1_cells_and_change_from_the_baseline(tmp_path):
@@ -233,17 +233,17 @@ def test_plots_are_written_and_linked(tmp_path):
     for i in range(2)
   ]
   text = aggregate.write(dirs, tmp_path / "out").read_text()
-  plots = tmp_path / "out" / report.PLOTS_DIR
-  assert sorted(p.name for p in plots.iterdir()) == sorted(aggregate.PLOTS)
+  plots_dir = tmp_path / "out" / report.PLOTS_DIR
+  assert sorted(p.name for p in plots_dir.iterdir()) == sorted(aggregate.PLOTS)
   for name in aggregate.PLOTS:
     assert f"]({report.PLOTS_DIR}/{name})" in text
-    pixels = mpimg.imread(plots / name)
-    assert pixels.shape[:2] == (report.FIGSIZE[1] * report.DPI, report.FIGSIZE[0] * report.DPI)
+    pixels = mpimg.imread(plots_dir / name)
+    assert pixels.shape[:2] == (plots.FIGSIZE[1] * plots.DPI, plots.FIGSIZE[0] * plots.DPI)
     assert pixels.std() > 0.01
   # A rerun over runs without curves removes the figures of the first.
   bare = _workdir(tmp_path / "bare", evaluation={"baseline": {"knn_k5": 0.5}})
   text = aggregate.write([bare], tmp_path / "out").read_text()
-  assert not any(plots.iterdir()) and "## Curves" not in text and "Table 11" not in text
+  assert not any(plots_dir.iterdir()) and "## Curves" not in text and "Table 11" not in text
 
 
 def test_a_dir_without_config_fails_naming_it(tmp_path):
@@ -251,7 +251,7 @@ def test_a_dir_without_config_fails_naming_it(tmp_path):
   missing = tmp_path / "not_a_run"
   missing.mkdir()
   with pytest.raises(ValueError, match=re.escape(f"{missing} holds no config.json")):
-    aggregate.collect([good, missing])
+    run_groups.collect([good, missing])
   assert aggregate.find([tmp_path / "root", good]) == [good, good]
   with pytest.raises(ValueError, match=re.escape(f"{missing}: no config.json in it or below")):
     aggregate.find([missing])

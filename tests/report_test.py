@@ -1,14 +1,18 @@
 """report.md and its plots from hand-made work-dir files (`monitor_test` covers real ones)."""
 
+import importlib
+import io
 import json
 import re
 
 import numpy as np
 import pytest
+from etils import epath
+from fsspec.implementations import memory
 from matplotlib import image as mpimg
 
 from configs import test as test_config
-from umm_jax import evaluate, monitor, pretrain, report, umm_stage
+from umm_jax import evaluate, monitor, plots, pretrain, report, umm_stage
 
 EPOCHS = [5, 10, 15, 20, 25, 30]
 CURVES = {  # layer1 rises and stays; layer4 rises, peaks at epoch 15 and falls (the paper's Fig. 1)
@@ -68,9 +72,10 @@ def _work_dir(path, result=None, metrics=True):
 
 
 def _check_png(path):
-  assert path.stat().st_size > 1000
-  pixels = mpimg.imread(path)
-  assert pixels.shape[:2] == (report.FIGSIZE[1] * report.DPI, report.FIGSIZE[0] * report.DPI)
+  data = path.read_bytes()  # a local or a bucket path alike
+  assert len(data) > 1000
+  pixels = mpimg.imread(io.BytesIO(data))
+  assert pixels.shape[:2] == (plots.FIGSIZE[1] * plots.DPI, plots.FIGSIZE[0] * plots.DPI)
   assert pixels.std() > 0.01  # not blank
 
 
@@ -206,3 +211,56 @@ def test_umm_curves_start_from_the_newest_pre_training_checkpoint(tmp_path):
   # Without the pre-training monitor the UMM curve starts at its own first checkpoint.
   (tmp_path / monitor.MONITOR_FILE).unlink()
   np.testing.assert_array_equal(report.umm_curves(tmp_path)["umm"]["epoch"], [1, 2])
+
+
+@pytest.fixture
+def memory_bucket(monkeypatch):
+  """`gs://` served by fsspec's in-memory file system, as epath reaches it without TensorFlow.
+
+  Yields the file system class; its `store` maps '/bucket/path' to each file written.
+  """
+
+  class MemoryBucket(memory.MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]  # this test's own, not the shared memory:// ones
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return super()._strip_protocol(str(path).removeprefix("gs://").removeprefix("gcs://"))
+
+  registry = importlib.import_module("fsspec.registry")._registry
+  for protocol in MemoryBucket.protocol:  # epath asks fsspec for 'gcs'; undone after the test
+    monkeypatch.setitem(registry, protocol, MemoryBucket)
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)  # the fsspec backend
+  # epath keeps one file system per protocol: drop ours after, and any cached before.
+  cached = type(epath.backend.fsspec_backend)._get_filesystem
+  cached.cache_clear()
+  yield MemoryBucket
+  cached.cache_clear()
+
+
+def test_report_writes_to_a_bucket_work_dir(memory_bucket, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # where pathlib's 'gs:/bucket/run' would land
+  workdir = epath.Path("gs://bucket/run")
+  _work_dir(workdir, _result())
+  for variant in ("umm", "interleaved"):
+    directory = umm_stage.variant_dir("gs://bucket/run", variant)
+    (directory / monitor.MONITOR_FILE).write_text(json.dumps(_result(epochs=[1, 2])))
+  knn = dict(top1=0.81, top5=0.97, protocol=dict(evaluation="knn", layer="embedding", k=5))
+  results = {"baseline": {"step": 8, "checkpoint": "c/8", "layers": {"embedding": {"knn": knn}}}}
+  (workdir / evaluate.RESULTS_FILE).write_text(json.dumps(results))
+
+  path = report.write("gs://bucket/run")
+  assert str(path) == f"gs://bucket/run/{report.REPORT_FILE}"
+  text = path.read_text()
+  assert "# Report: run" in text and "Work dir: `gs://bucket/run`." in text
+  for heading in ("## Pre-training", "(Table 11)", "(Figure 5)", "## Evaluation of the last"):
+    assert heading in text
+  names = {p.name for p in (workdir / report.PLOTS_DIR).iterdir()}
+  assert names == PLOTS | {report.UMM_PNG}
+  for name in names:
+    assert f"]({report.PLOTS_DIR}/{name})" in text
+    _check_png(workdir / report.PLOTS_DIR / name)
+  written = {f"/bucket/run/{report.PLOTS_DIR}/{name}" for name in names}
+  assert written | {f"/bucket/run/{report.REPORT_FILE}"} <= set(memory_bucket.store)
+  assert not any(tmp_path.iterdir())  # nothing local: no 'gs:' directory

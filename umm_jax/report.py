@@ -3,9 +3,9 @@
 Reads `config.json` (`umm_jax.main`), `metrics.jsonl` (`umm_jax.pretrain`), `monitor.json`
 and `umm/<variant>/monitor.json` (`umm_jax.monitor`) and `evaluation.json` (`umm_jax.evaluate`);
 a missing file is said so in the report (or, for the UMM monitor and `evaluation.json`, its
-section left out), not an error. Writes `report.md` and `plots/*.png`, drawn on matplotlib's Agg
-canvas (no display; pyplot's global state is left alone), each `FIGSIZE` inches at `DPI`. Every
-number stands beside its protocol.
+section left out), not an error. Writes `report.md` and `plots/*.png` (drawn by `umm_jax.plots`)
+in the work dir, local or a URI such as `gs://bucket/run` (through `etils.epath`). Every number
+stands beside its protocol.
 
 Figures, one per finding:
 - `pretrain.png`: train loss and test top-1 of the online probe per epoch.
@@ -17,28 +17,24 @@ Figures, one per finding:
 - `cost.png`: seconds per checkpoint of each signal (Table 9).
 - `umm.png`: accuracy and ΔR of the last layer against UMM epoch, per variant (Fig. 5).
 
-`umm_jax.aggregate` draws the same findings over many work dirs with this module's helpers
-(`figure`, `save`, `table`, `items`, `normalized`, `protocol_lines`, `read_monitor`,
-`umm_curves`).
+`umm_jax.aggregate` lays out the same findings over many work dirs with this module's tables and
+readers (`table`, `items`, `protocol_lines`, `read_monitor`, `umm_curves`).
 """
 
 import json
 import math
-import pathlib
+import os
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
+from etils import epath
 
-from umm_jax import evaluate, monitor, overfitting, pretrain, umm, umm_stage
+from umm_jax import evaluate, monitor, overfitting, plots, pretrain, umm, umm_stage
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 CONFIG_FILE = "config.json"
-FIGSIZE = (10, 6)  # inches; at DPI, every PNG is 1000 x 600 pixels
-DPI = 100
 # Table 9 of the paper: one V100, CIFAR-10, linear 500 epochs, kNN k = 5.
 PAPER_COST = {"linear + features": 92.76, "knn + features": 13.63, "rate_reduction": 4.03}
 COST_ROWS = {
@@ -52,19 +48,7 @@ CORRELATION_PNG = "accuracy_vs_rate_reduction.png"
 PLOTS = ("pretrain.png", "accuracy.png", "rate_reduction.png", CORRELATION_PNG, "pearson.png")
 UMM_PNG = "umm.png"
 PLOTS += ("cost.png", UMM_PNG)
-_ACC = {"knn": "kNN", "linear": "linear"}
 _BOLD = ("knn_top1", "linear_top1", "delta")  # the curves whose peaks the tables mark
-
-
-def figure(title: str, nrows: int = 1, ncols: int = 1):
-  fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-  fig.suptitle(title, fontsize=13)
-  return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
-
-
-def save(fig: Figure, path: pathlib.Path) -> str:
-  fig.savefig(path, dpi=DPI)  # no bbox_inches='tight': the pixel size stays FIGSIZE x DPI
-  return f"{PLOTS_DIR}/{path.name}"
 
 
 def _pct(value) -> str:
@@ -84,35 +68,16 @@ def items(protocol: dict) -> str:
   return "; ".join(f"{k} = {v}" for k, v in protocol.items())
 
 
-def _colors(n: int):
-  """Early to late layers: dark purple to green along viridis (its light yellow end left out)."""
-  return [matplotlib.colormaps["viridis"](0.85 * i / max(n - 1, 1)) for i in range(n)]
-
-
 # ----------------------------------------------------------------------------- pre-training
 
 
-def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
+def read_metrics(path: epath.Path) -> tuple[list[dict], list[dict]]:
   """The `train` and `test` records of a `metrics.jsonl`, in file order."""
   records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   return [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "test"]
 
 
-def plot_pretrain(train: list[dict], test: list[dict], path: pathlib.Path) -> str:
-  fig, (loss_ax, acc_ax) = figure("Pre-training", 1, 2)
-  loss_ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], color="tab:blue")
-  loss_ax.set(title="SSL loss (train)", xlabel="epoch", ylabel="loss")
-  epochs, top1 = [r["epoch"] for r in test], [100 * r["probe_top1"] for r in test]
-  acc_ax.plot(epochs, top1, "o-", color="tab:green", label="online probe top-1")
-  acc_ax.set(title="Online linear probe (test)", xlabel="epoch", ylabel="top-1 accuracy (%)")
-  for ax in (loss_ax, acc_ax):
-    ax.grid(alpha=0.3)
-  loss_ax.legend(["train loss"])
-  acc_ax.legend()
-  return save(fig, path)
-
-
-def pretrain_section(workdir: pathlib.Path, config: dict | None, plots: pathlib.Path) -> str:
+def pretrain_section(workdir: epath.Path, config: dict | None, plots_dir: epath.Path) -> str:
   path = workdir / pretrain.METRICS_FILE
   if not path.exists():
     return f"## Pre-training\n\nNo `{pretrain.METRICS_FILE}` in the work dir (no pre-training)."
@@ -134,105 +99,10 @@ def pretrain_section(workdir: pathlib.Path, config: dict | None, plots: pathlib.
       f"pooled `layer4` embedding of the augmented views (SGD momentum 0.9, lr {probe_lr}) and "
       f"tested on the whole {dataset} test split (non-augmented images). Train loss: the SSL loss "
       "averaged over the last log interval before the epoch's end.",
-      f"![pre-training]({plot_pretrain(train, test, plots / 'pretrain.png')})",
+      f"![pre-training]({plots.plot_pretrain(train, test, plots_dir / 'pretrain.png')})",
       table(header, rows),
     ]
   )
-
-
-# ----------------------------------------------------------------------------- monitor plots
-
-
-def _x(curves: dict) -> tuple[np.ndarray, str]:
-  epochs = curves["epoch"]
-  return (epochs, "epoch") if not np.any(np.isnan(epochs)) else (curves["step"], "step")
-
-
-def _style(ax, x: np.ndarray) -> None:
-  ax.grid(alpha=0.3)
-  if len(x) <= 12:  # few checkpoints: a tick at each, not at fractional epochs
-    ax.set_xticks(x)
-
-
-def normalized(values: np.ndarray) -> np.ndarray:
-  try:
-    return overfitting.normalize(values)
-  except ValueError:  # nothing measured, or no positive value: nothing to draw
-    return np.full(values.shape, np.nan)
-
-
-def plot_accuracy(curves: dict, accuracies: list[str], path: pathlib.Path) -> str:
-  x, xlabel = _x(curves)
-  fig, axes = figure("Test accuracy per layer across checkpoints", 1, len(accuracies))
-  colors = _colors(len(curves["layers"]))
-  for ax, acc in zip(axes, accuracies, strict=True):
-    for color, (layer, values) in zip(colors, curves["layers"].items(), strict=True):
-      ax.plot(x, 100 * values[f"{acc}_top1"], "o-", color=color, label=layer)
-    ax.set(title=f"{_ACC[acc]} top-1", xlabel=xlabel, ylabel="test top-1 accuracy (%)")
-    _style(ax, x)
-    ax.legend(title="layer")
-  return save(fig, path)
-
-
-def plot_rate_reduction(curves: dict, path: pathlib.Path) -> str:
-  x, xlabel = _x(curves)
-  fig, (ax,) = figure("Label-free ΔR per layer across checkpoints (divided by its maximum)")
-  layers = curves["layers"]
-  for color, (layer, values) in zip(_colors(len(layers)), layers.items(), strict=True):
-    ax.plot(x, normalized(values["delta"]), "s-", color=color, label=layer)
-  ax.set(xlabel=xlabel, ylabel="ΔR / max ΔR")
-  _style(ax, x)
-  ax.legend(title="layer")
-  return save(fig, path)
-
-
-def plot_correlation(curves: dict, analysis: dict, accuracies, path: pathlib.Path) -> str:
-  x, xlabel = _x(curves)
-  layers = list(curves["layers"])
-  title = "Accuracy and ΔR across checkpoints (each divided by its maximum)"
-  fig, axes = figure(title, -(-len(layers) // 2), min(len(layers), 2))
-  styles = {"knn": ("o-", "tab:blue"), "linear": ("^--", "tab:orange")}
-  for ax, layer in zip(axes, layers, strict=False):
-    values, pearson = curves["layers"][layer], analysis[layer]["pearson"]
-    for acc in accuracies:
-      marker, color = styles[acc]
-      y = normalized(values[f"{acc}_top1"])
-      ax.plot(x, y, marker, color=color, label=f"{_ACC[acc]} top-1")
-    ax.plot(x, normalized(values["delta"]), "s:", color="tab:green", label="ΔR")
-    r = ", ".join(f"r({_ACC[a]}, ΔR) = {_num(pearson[a], 2)}" for a in accuracies)
-    ax.set(title=f"{layer}: {r}", xlabel=xlabel, ylabel="value / max")
-    _style(ax, x)
-    ax.legend(fontsize=8)
-  for ax in axes[len(layers) :]:
-    ax.set_visible(False)
-  return save(fig, path)
-
-
-def plot_pearson(analysis: dict, accuracies, path: pathlib.Path) -> str:
-  fig, (ax,) = figure("Pearson's r of test accuracy and ΔR across checkpoints (cf. Table 11)")
-  layers, width = list(analysis), 0.8 / len(accuracies)
-  for i, acc in enumerate(accuracies):
-    r = np.array([analysis[layer]["pearson"][acc] for layer in layers])
-    offset = (i - (len(accuracies) - 1) / 2) * width
-    label = f"{_ACC[acc]} top-1 vs ΔR"
-    bars = ax.bar(np.arange(len(layers)) + offset, np.nan_to_num(r), width, label=label)
-    ax.bar_label(bars, labels=[_num(v, 2) for v in r], padding=2)
-  ax.axhline(0, color="black", linewidth=0.8)
-  ax.set(xticks=range(len(layers)), xticklabels=layers, ylim=(-1.1, 1.15))
-  ax.set(xlabel="layer", ylabel="Pearson's r")
-  ax.legend()
-  return save(fig, path)
-
-
-def plot_cost(cost: dict, path: pathlib.Path) -> str:
-  fig, (ax,) = figure("Wall-clock cost per checkpoint of each signal (cf. Table 9)")
-  names = list(cost)
-  bars = ax.barh(names, [cost[n]["median"] for n in names], color="tab:purple")
-  ax.bar_label(bars, labels=[f"{cost[n]['median']:.3g} s" for n in names], padding=3)
-  ax.set(xlabel="seconds per checkpoint (median over checkpoints)", ylabel="signal")
-  ax.invert_yaxis()
-  ax.grid(alpha=0.3, axis="x")
-  return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- monitor tables
@@ -270,7 +140,7 @@ def correlation_table(analysis: dict, accuracies, count: int) -> str:
   rows = [
     [layer] + [_num(info["pearson"][a], 3) for a in accuracies] for layer, info in analysis.items()
   ]
-  header = ["layer", *(f"r({_ACC[a]} top-1, ΔR)" for a in accuracies)]
+  header = ["layer", *(f"r({plots.ACCURACY_LABELS[a]} top-1, ΔR)" for a in accuracies)]
   return (
     table(header, rows) + f"\n\nPearson's r over the {count} checkpoints' curves "
     "(n/a: fewer than 2 checkpoints or a constant curve). The paper's Table 11 reports 0.92-0.98 "
@@ -280,20 +150,20 @@ def correlation_table(analysis: dict, accuracies, count: int) -> str:
 
 
 def early_stopping_section(curves: dict, analysis: dict, accuracies) -> str:
-  x, unit = _x(curves)
+  x, unit = plots.x_axis(curves)
   at = lambda i: f"{unit} {x[i]:g}, step {curves['step'][i]}"
-  rows, headline = [], []
+  rows, headline, label = [], [], plots.ACCURACY_LABELS
   for layer, info in analysis.items():
     for acc in accuracies:
       e = info["early_stopping"][acc]
       best = f"{_pct(e['best_accuracy'])} at {at(e['best'])}"
-      rows.append([layer, _ACC[acc], at(e["chosen"]), _pct(e["chosen_accuracy"]), best])
+      rows.append([layer, label[acc], at(e["chosen"]), _pct(e["chosen_accuracy"]), best])
       rows[-1] += [_pct(e["gap"]), _pct(e["final_accuracy"])]
   last = list(analysis)[-1]
   for acc in accuracies:
     e = analysis[last]["early_stopping"][acc]
     headline.append(
-      f"{_ACC[acc]} top-1 {_pct(e['chosen_accuracy'])}% there, {_pct(e['gap'])} points below "
+      f"{label[acc]} top-1 {_pct(e['chosen_accuracy'])}% there, {_pct(e['gap'])} points below "
       f"the best checkpoint ({_pct(e['best_accuracy'])}% at {at(e['best'])}); the last "
       f"checkpoint scores {_pct(e['final_accuracy'])}%"
     )
@@ -308,7 +178,7 @@ def early_stopping_section(curves: dict, analysis: dict, accuracies) -> str:
 
 
 def peak_table(curves: dict, analysis: dict) -> str:
-  x, unit = _x(curves)
+  x, unit = plots.x_axis(curves)
   names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "delta": "ΔR"}
   names = {k: n for k, n in names.items() if any(k in info["peak"] for info in analysis.values())}
   rows = []
@@ -337,9 +207,10 @@ def cost_summary(result: dict) -> dict:
   entries = sorted(result["checkpoints"].values(), key=lambda e: e["step"])
   seconds = [dict(e["seconds"]) for e in entries]
   for s in seconds:
-    s.update({f"{a} + features": s[a] + s["features"] for a in _ACC if a in s and "features" in s})
+    if "features" in s:
+      s.update({f"{a} + features": s[a] + s["features"] for a in overfitting.ACCURACIES if a in s})
   cost = {}
-  for part in [*COST_ROWS, *(f"{a} + features" for a in _ACC)]:
+  for part in [*COST_ROWS, *(f"{a} + features" for a in overfitting.ACCURACIES)]:
     values = [s[part] for s in seconds if part in s]
     if values:
       cost[part] = {"median": float(np.median(values[1:] or values)), "first": values[0]}
@@ -359,7 +230,7 @@ def cost_table(cost: dict) -> str:
   )
 
 
-def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
+def monitor_section(workdir: epath.Path, plots_dir: epath.Path) -> str:
   path = workdir / monitor.MONITOR_FILE
   if not path.exists():
     return f"## Layer-wise monitor\n\nNo `{path.name}` in the work dir (stage `monitor`)."
@@ -380,32 +251,34 @@ def monitor_section(workdir: pathlib.Path, plots: pathlib.Path) -> str:
     layer_tables(curves, analysis),
   ]
   if accuracies:
-    parts.append(f"![accuracy]({plot_accuracy(curves, accuracies, plots / 'accuracy.png')})")
+    parts.append(
+      f"![accuracy]({plots.plot_accuracy(curves, accuracies, plots_dir / 'accuracy.png')})"
+    )
   if has_delta:
-    parts.append(f"![ΔR]({plot_rate_reduction(curves, plots / 'rate_reduction.png')})")
+    parts.append(f"![ΔR]({plots.plot_rate_reduction(curves, plots_dir / 'rate_reduction.png')})")
   parts += ["### Peaks", peak_table(curves, analysis)]
   if accuracies and has_delta:
-    drawn = plot_correlation(curves, analysis, accuracies, plots / CORRELATION_PNG)
+    drawn = plots.plot_correlation(curves, analysis, accuracies, plots_dir / CORRELATION_PNG)
     parts += ["### Correlation of accuracy and ΔR (Table 11)", f"![accuracy and ΔR]({drawn})"]
     parts += [correlation_table(analysis, accuracies, count)]
-    parts += [f"![Pearson]({plot_pearson(analysis, accuracies, plots / 'pearson.png')})"]
+    parts += [f"![Pearson]({plots.plot_pearson(analysis, accuracies, plots_dir / 'pearson.png')})"]
     parts += ["### Early stopping by ΔR", early_stopping_section(curves, analysis, accuracies)]
   cost = cost_summary(result)
   parts += ["### Cost of each signal (Table 9)", cost_table(cost)]
-  parts += [f"![cost]({plot_cost(cost, plots / 'cost.png')})"]
+  parts += [f"![cost]({plots.plot_cost(cost, plots_dir / 'cost.png')})"]
   return "\n\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- UMM curves
 
 
-def read_monitor(path: pathlib.Path) -> dict | None:
+def read_monitor(path: epath.Path) -> dict | None:
   """The `monitor.json` dict at `path`; None if absent or without a measured checkpoint."""
   result = json.loads(path.read_text()) if path.exists() else None
   return result if result and result.get("checkpoints") else None
 
 
-def umm_curves(workdir: str | pathlib.Path) -> dict[str, dict]:
+def umm_curves(workdir: str | os.PathLike) -> dict[str, dict]:
   """The last layer's curves against UMM epoch of each variant with a `umm/<variant>/monitor.json`.
 
   Returns `{variant: {'layer', 'protocol', 'step': [n], 'epoch': [n], 'values': {value: [n]},
@@ -414,7 +287,7 @@ def umm_curves(workdir: str | pathlib.Path) -> dict[str, dict]:
   state) and has no epoch 0 of its own, epoch 0 is the newest checkpoint of the work dir's
   `monitor.json` (`start` True; its step is the pre-training step).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   pretrained = read_monitor(workdir / monitor.MONITOR_FILE)
   out = {}
   for variant in umm.VARIANTS:
@@ -434,27 +307,7 @@ def umm_curves(workdir: str | pathlib.Path) -> dict[str, dict]:
   return out
 
 
-def plot_umm(curves: dict[str, dict], path: pathlib.Path) -> str:
-  title = "Last layer along UMM fine-tuning, per variant (cf. Fig. 5)"
-  fig, (acc_ax, delta_ax) = figure(title, 1, 2)
-  for color, (variant, c) in zip(_colors(len(curves)), curves.items(), strict=True):
-    label, values = umm.VARIANT_LABELS[variant], c["values"]
-    for acc, marker in (("knn", "o-"), ("linear", "^--")):
-      if np.any(~np.isnan(values[f"{acc}_top1"])):
-        y = 100 * values[f"{acc}_top1"]
-        acc_ax.plot(c["epoch"], y, marker, color=color, label=f"{label}: {_ACC[acc]}")
-    delta_ax.plot(c["epoch"], values["delta"], "s-", color=color, label=label)
-  layer = next(iter(curves.values()))["layer"]
-  acc_ax.set(title=f"{layer}: test top-1", xlabel="UMM epoch", ylabel="test top-1 accuracy (%)")
-  delta_ax.set(title=f"{layer}: label-free ΔR", xlabel="UMM epoch", ylabel="ΔR")
-  epochs = np.unique(np.concatenate([c["epoch"] for c in curves.values()]))
-  for ax in (acc_ax, delta_ax):
-    _style(ax, epochs)
-    ax.legend(fontsize=8)
-  return save(fig, path)
-
-
-def umm_section(workdir: pathlib.Path, plots: pathlib.Path) -> str | None:
+def umm_section(workdir: epath.Path, plots_dir: epath.Path) -> str | None:
   """Figure 5: accuracy and ΔR of the last layer along each UMM variant; None without data."""
   curves = umm_curves(workdir)
   if not curves:
@@ -476,13 +329,13 @@ def umm_section(workdir: pathlib.Path, plots: pathlib.Path) -> str | None:
       "starts from (the newest checkpoint in `monitor.json`), where measured; `& UMM` pre-trains "
       "from the initial state, so its epochs are its own. Protocol:",
       protocol_lines(first["protocol"]),
-      f"![UMM curves]({plot_umm(curves, plots / UMM_PNG)})",
+      f"![UMM curves]({plots.plot_umm(curves, plots_dir / UMM_PNG)})",
       table(header, rows),
     ]
   )
 
 
-def evaluation_section(workdir: pathlib.Path) -> str | None:
+def evaluation_section(workdir: epath.Path) -> str | None:
   """Top-1/top-5 of the `evaluate` stage's `evaluation.json` with each protocol; None if absent."""
   path = workdir / evaluate.RESULTS_FILE
   if not path.exists():
@@ -528,13 +381,13 @@ def comparison_table(results: dict) -> str:
   )
 
 
-def write(workdir: str | pathlib.Path) -> pathlib.Path:
+def write(workdir: str | os.PathLike) -> epath.Path:
   """Writes `report.md` and `plots/*.png` in `workdir` from its files; returns the report path."""
-  workdir = pathlib.Path(workdir)
-  plots = workdir / PLOTS_DIR
-  plots.mkdir(parents=True, exist_ok=True)
+  workdir = epath.Path(workdir)
+  plots_dir = workdir / PLOTS_DIR
+  plots_dir.mkdir(parents=True, exist_ok=True)
   for name in PLOTS:
-    (plots / name).unlink(missing_ok=True)
+    (plots_dir / name).unlink(missing_ok=True)
   config_path = workdir / CONFIG_FILE
   config = json.loads(config_path.read_text()) if config_path.exists() else None
   run = "unknown (no config.json)"
@@ -546,9 +399,9 @@ def write(workdir: str | pathlib.Path) -> pathlib.Path:
   sections = [
     f"# Report: {workdir.name}",
     f"Run: {run}. Work dir: `{workdir}`.",
-    pretrain_section(workdir, config, plots),
-    monitor_section(workdir, plots),
-    umm_section(workdir, plots),
+    pretrain_section(workdir, config, plots_dir),
+    monitor_section(workdir, plots_dir),
+    umm_section(workdir, plots_dir),
     evaluation_section(workdir),
   ]
   path = workdir / REPORT_FILE
@@ -556,7 +409,7 @@ def write(workdir: str | pathlib.Path) -> pathlib.Path:
   return path
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """The `report` stage of `umm_jax.main`: `report.md` and its plots from the work dir's files."""
   del config  # the report reads the work dir's config.json, as a notebook would
   if jax.process_index() == 0:
