@@ -4,7 +4,6 @@ The dry-run commands are parsed back by absl and config_flags, as umm_jax.main w
 and must give the config local mode builds for the same point.
 """
 
-import importlib.util
 import itertools
 import json
 import os
@@ -292,12 +291,11 @@ def test_two_point_sweep_runs_end_to_end(tmp_path):
     assert (run / "report.md").exists() and (run / "evaluation.json").exists()
     config = json.loads((run / "config.json").read_text())
     assert (config["umm"]["alpha"], config["train"]["log_every_steps"]) == (alpha, 4)
-  if importlib.util.find_spec("umm_jax.aggregate") is not None:
-    assert f"summary: {workdir / 'summary.md'}" in proc.stdout
-    rows = _first_table((workdir / "summary.md").read_text())
-    assert len(rows) == 2  # one row per point: a single seed each
-    for row, alpha in zip(rows, ("0", "1"), strict=True):
-      assert re.search(rf"(?<![\d.]){alpha}(\.0+)?(?![\d.])", row), row
+  assert f"summary: {workdir / 'summary.md'}" in proc.stdout
+  rows = _first_table((workdir / "summary.md").read_text())
+  assert len(rows) == 2  # one row per point: a single seed each
+  for row, alpha in zip(rows, ("0", "1"), strict=True):
+    assert re.search(rf"(?<![\d.]){alpha}(\.0+)?(?![\d.])", row), row
 
   again = _sweep_command(tmp_path, *args)  # everything done: nothing runs again
   assert again.returncode == 0 and "2 of 2 points already done" in again.stderr

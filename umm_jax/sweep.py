@@ -15,8 +15,8 @@ Local mode (the default) calls `umm_jax.main.run` on each point in turn and rewr
 `<workdir>/sweep.json` (config, sweep file, overrides, keys; per point its values, status
 `pending` / `done` / `failed` and seconds) after every point. Rerunning the command skips the
 points done; a `sweep.json` of another config or grid is refused. A failing point is logged and
-marked `failed`, the sweep goes on and exits non-zero at the end; then, where `umm_jax.aggregate`
-exists, `<workdir>/summary.md` averages the done points over seeds. Multi-host: every process
+marked `failed`, the sweep goes on and exits non-zero at the end; then `<workdir>/summary.md`
+(`umm_jax.aggregate`) averages the done points over seeds. Multi-host: every process
 runs the same command; process 0 alone writes `sweep.json` and `summary.md`.
 
 `--dry_run` prints each point's `python -m umm_jax.main` command, one per line, and does nothing
@@ -44,8 +44,8 @@ from etils import epath
 
 # Importing main defines --config (locked, with its --config.x overrides) and --workdir, shared
 # here so that a sweep builds its base config exactly as main does.
+from umm_jax import aggregate, parallel
 from umm_jax import main as umm_main
-from umm_jax import parallel
 
 SWEEP_FILE = "sweep.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -361,13 +361,8 @@ def run_local(
 def summarize(workdir: str | os.PathLike, record: Mapping[str, Any]) -> pathlib.Path | None:
   """`umm_jax.aggregate.write` over the done points, grouped by the swept keys (seeds averaged).
 
-  Returns the summary's path, or None when no point is done or the module is not there.
+  Returns the summary's path, or None when no point is done.
   """
-  if importlib.util.find_spec("umm_jax.aggregate") is None:
-    logging.info("umm_jax.aggregate is not available: no summary.md")
-    return None
-  from umm_jax import aggregate  # imported here: a sweep runs without it
-
   done = [epath.Path(workdir) / p["workdir"] for p in record["points"] if p["status"] == "done"]
   if not done:
     return None
