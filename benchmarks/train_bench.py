@@ -50,8 +50,9 @@ def step_seconds(step, state, batch: dict, repeats: int) -> tuple[float, float]:
   return float(np.median(times[1:])), times[0]
 
 
-def pretrain_seconds(config, repeats: int) -> tuple[float, float]:
-  """`step_seconds` of the pre-training step of `config` on its first global batch."""
+def pretrain_step(config) -> tuple:
+  """`(step, state, batch)`: the jitted pre-training step of `config` (state donated, as the
+  `pretrain` stage runs it), its initial state and the first global batch."""
   train_set = data.load(config.data, "train")
   run = pretrain.build(config, train_set)
   mean, std = train_set.channel_stats()
@@ -70,11 +71,13 @@ def pretrain_seconds(config, repeats: int) -> tuple[float, float]:
   )
   state = pretrain.init_state(run, jax.random.key(0))
   n = config.train.batch_size
-  batch_arrays = {
-    "image": jnp.asarray(train_set.images[:n]),
-    "label": jnp.asarray(train_set.labels[:n]),
-  }
-  return step_seconds(jax.jit(step, donate_argnums=0), state, batch_arrays, repeats)
+  batch = {"image": jnp.asarray(train_set.images[:n]), "label": jnp.asarray(train_set.labels[:n])}
+  return jax.jit(step, donate_argnums=0), state, batch
+
+
+def pretrain_seconds(config, repeats: int) -> tuple[float, float]:
+  """`step_seconds` of the pre-training step of `config` on its first global batch."""
+  return step_seconds(*pretrain_step(config), repeats)
 
 
 def torch_seconds(batch: int, repeats: int) -> float:
