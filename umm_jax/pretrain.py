@@ -8,18 +8,20 @@ array; the state is replicated and donated to the step.
 
 Written to the work dir: `checkpoints/<step>` every `train.checkpoint_every_epochs` epochs and
 at the end (all kept unless `train.max_to_keep`), `metrics.jsonl` (one JSON object per log
-interval and per evaluation). Resume order: the newest checkpoint gives the step; the epoch and
-the position inside it follow from it; the data order is a function of `(seed, epoch)` and the
-step's key of `(seed, step)`, so a resumed run reproduces the uninterrupted one. SIGINT and
-SIGTERM (pre-emption) save a checkpoint at the current step before the run stops.
+interval and per evaluation) and TensorBoard events; the work dir is a local path or a URI such
+as `gs://bucket/run` (`MetricsLog` says how each is written). Resume order: the newest
+checkpoint gives the step; the epoch and the position inside it follow from it; the data order
+is a function of `(seed, epoch)` and the step's key of `(seed, step)`, so a resumed run
+reproduces the uninterrupted one. SIGINT and SIGTERM (pre-emption) save a checkpoint at the
+current step before the run stops.
 """
 
 import functools
 import json
 import math
 import os
-import pathlib
 import signal
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -30,6 +32,7 @@ import numpy as np
 import optax
 import tensorboardX
 from absl import logging
+from etils import epath
 
 from umm_jax import checkpoint, data, methods, optim, parallel, train
 from umm_jax.models import heads as heads_lib
@@ -213,30 +216,58 @@ class MetricsLog:
 
   On resume, JSONL records past the restored step are cut and TensorBoard is told to purge its
   events past it, so an interrupted run's tail is not counted twice.
+
+  A local work dir is appended to. An object store (any URI: `gs://...`) has no append and no
+  partial write, so there the records are kept in memory and every write uploads the whole
+  `metrics.jsonl`; an upload replaces the object at once, so readers never see half a file.
+  TensorBoard: tensorboardX writes `gs://` and `s3://` only through google-cloud-storage or boto3
+  and treats any other URI as a local path, so for a remote work dir it writes into a local
+  temporary directory and each of its events files is uploaded whole to `tensorboard/` after
+  every write (the events the writer has flushed by then) and at exit (all of them).
   """
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  def __init__(self, workdir: str | os.PathLike, resume_step: int):
+    workdir = epath.Path(workdir)
     self.path = workdir / METRICS_FILE
     self.writer = None
     if jax.process_index() != 0:
       return
+    kept = []
     if self.path.exists():
       lines = self.path.read_text().splitlines()
-      kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      kept = [line + "\n" for line in lines if json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(kept))
+    remote = "://" in os.fspath(workdir)
+    self._lines = kept if remote else None  # the file's content, where it is rewritten whole
+    self._events = workdir / TENSORBOARD_DIR
+    self._local_events = tempfile.TemporaryDirectory(prefix="umm_events_") if remote else None
     self.writer = tensorboardX.SummaryWriter(
-      str(workdir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+      self._local_events.name if remote else os.fspath(self._events),
+      purge_step=resume_step + 1 if resume_step else None,
     )
 
   def write(self, split: str, record: dict) -> None:
     if self.writer is None:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"split": split, **record}) + "\n")
+    line = json.dumps({"split": split, **record}) + "\n"
+    if self._lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
     for key, value in record.items():
       if key != "step":
         self.writer.add_scalar(f"{split}/{key}", value, record["step"])
     self.writer.flush()
+    self._upload_events()
+
+  def _upload_events(self) -> None:
+    if self._local_events is None:
+      return
+    self._events.mkdir(parents=True, exist_ok=True)
+    for events in epath.Path(self._local_events.name).iterdir():
+      (self._events / events.name).write_bytes(events.read_bytes())
 
   def train(self, history: list[dict], step: int, run: Run, *, timed: int, seconds: float):
     """Writes and prints the mean of the step metrics in `history`, with speed and ETA.
@@ -263,6 +294,9 @@ class MetricsLog:
   def __exit__(self, *exc_info) -> None:
     if self.writer is not None:
       self.writer.close()
+      self._upload_events()
+      if self._local_events is not None:
+        self._local_events.cleanup()
 
 
 def mean_metrics(history: list[dict]) -> dict:
@@ -270,9 +304,9 @@ def mean_metrics(history: list[dict]) -> dict:
   return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> train.TrainState:
+def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> train.TrainState:
   """Pre-trains (or resumes) the encoder of `config` in `workdir`; returns the final state."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   cfg = config.train
   mesh = parallel.make_mesh()
   parallel.check_global_batch(cfg.batch_size, mesh)
@@ -407,6 +441,6 @@ def check_finite(history: list[dict], step: int, last_saved: int | None) -> None
     )
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """The `pretrain` stage of `umm_jax.main`."""
   pretrain(config, workdir)
