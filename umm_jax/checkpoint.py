@@ -108,7 +108,11 @@ class Checkpointer:
     """Opens (and, unless `read_only`, creates) the checkpoint directory.
 
     Args:
-      directory: the checkpoint directory; earlier checkpoints in it are found (resume).
+      directory: the checkpoint directory; earlier checkpoints in it are found (resume). A
+        local path (made absolute: orbax refuses relative ones) or a URI such as `gs://b/run`,
+        given to orbax unchanged. On `gs://`, orbax lists and commits steps through
+        `etils.epath` (gcsfs, or TensorFlow), asks `google-cloud-storage` for the bucket's
+        layout, and TensorStore writes the arrays through its own GCS driver.
       max_to_keep: keep only this many newest checkpoints; `None` keeps all of them.
       read_only: for readers (notebooks, the monitor): never creates the directory and
         refuses to save.
@@ -116,7 +120,6 @@ class Checkpointer:
     if max_to_keep is not None and not (_is_int(max_to_keep) and max_to_keep >= 1):
       raise ValueError(f"max_to_keep must be None or a positive int, got {max_to_keep!r}.")
     directory = os.fspath(directory)
-    # orbax refuses relative paths; URLs (gs://...) are left as they are.
     self._directory = directory if "://" in directory else os.path.abspath(directory)
     self._read_only = read_only
     options = ocp.CheckpointManagerOptions(

@@ -18,7 +18,6 @@ that produced it (its `protocol` entry), so numbers from different protocols are
 
 import functools
 import json
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from umm_jax import checkpoint, data, parallel, pretrain, umm_stage
 from umm_jax.models import resnet
@@ -404,7 +404,7 @@ def run_stage(config, workdir) -> dict:
   {top1, top5, protocol}}}}}` and prints a table. `config.evaluate.linear_epochs` overrides the
   linear protocol's 500 epochs (recorded in each result's protocol).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   cfg = config.evaluate
   train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
   model = pretrain.create_model(config)

@@ -38,7 +38,9 @@ dict through `torch.save`, when torch is importable; torch is not a dependency),
 files, detectron2 options).
 """
 
+import io
 import json
+import os
 import pathlib
 import pickle
 import re
@@ -49,6 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from umm_jax import checkpoint, data, pretrain, umm_stage
@@ -167,7 +170,7 @@ def detectron2_checkpoint(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 
 def write_safetensors(
-  path: str | pathlib.Path,
+  path: str | os.PathLike,
   tensors: Mapping[str, np.ndarray],
   *,
   metadata: Mapping[str, str] | None = None,
@@ -201,24 +204,29 @@ def write_safetensors(
     header["__metadata__"] = dict(metadata)
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  with open(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for value in tensors.values():
       f.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes())
 
 
-def save_torch(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray]) -> bool:
+def save_torch(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> bool:
   """`torch.save` of `state_dict` as tensors if torch is importable; returns whether it wrote.
 
   Without torch a stale file at `path` is removed, so it never disagrees with the other files.
+  torch opens a path as a local file, so it saves into memory and epath writes the bytes (to a
+  local path or a URI alike).
   """
+  path = epath.Path(path)
   try:
     import torch
   except ImportError:
-    pathlib.Path(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
     return False
-  torch.save({name: torch.from_numpy(value) for name, value in state_dict.items()}, path)
+  buffer = io.BytesIO()
+  torch.save({name: torch.from_numpy(value) for name, value in state_dict.items()}, buffer)
+  path.write_bytes(buffer.getvalue())
   return True
 
 
@@ -249,43 +257,43 @@ def detectron2_options(
 
 
 def export_backbone(
-  variables: Mapping, directory: str | pathlib.Path, *, metadata: Mapping[str, str]
+  variables: Mapping, directory: str | os.PathLike, *, metadata: Mapping[str, str]
 ) -> dict[str, str]:
   """Writes `backbone.safetensors`, `backbone.pth` (with torch) and `backbone_d2.pkl` of
   `variables` into `directory` (created); returns `{format: path}` of the files written.
 
   `metadata` (strings) goes into the safetensors header.
   """
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   state_dict = torchvision_state_dict(variables)
   files = {"safetensors": directory / SAFETENSORS_FILE, "detectron2": directory / DETECTRON2_FILE}
   write_safetensors(files["safetensors"], state_dict, metadata=metadata)
-  with open(files["detectron2"], "wb") as f:
+  with files["detectron2"].open("wb") as f:
     pickle.dump(detectron2_checkpoint(state_dict), f)
   if save_torch(directory / TORCH_FILE, state_dict):
     files["torch"] = directory / TORCH_FILE
   return {kind: str(path) for kind, path in files.items()}
 
 
-def sources(workdir: str | pathlib.Path) -> list[str]:
+def sources(workdir: str | os.PathLike) -> list[str]:
   """The checkpoint directories in `workdir` (relative) whose newest checkpoint is exported.
 
   Those of `umm_stage.encoders`: pre-training's `checkpoints` and each UMM variant's
   `umm/<variant>/checkpoints`; each one exports into `export/<its parent>`.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   return [str(p.relative_to(workdir)) for p in umm_stage.encoders(workdir).values()]
 
 
-def _latest_step(directory: pathlib.Path) -> int | None:
+def _latest_step(directory: epath.Path) -> int | None:
   if not directory.is_dir():
     return None
   with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
     return ckpt.latest_step()
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """The `export` stage: the newest checkpoint of each of `sources(workdir)`, exported.
 
   Every process reads; process 0 writes. Returns `{source: summary}`, each summary also written
@@ -294,7 +302,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
   Raises:
     FileNotFoundError: when no source holds a checkpoint.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   steps = {source: _latest_step(workdir / source) for source in sources(workdir)}
   steps = {source: step for source, step in steps.items() if step is not None}
   if not steps:

@@ -8,16 +8,24 @@ Multi-host: every process runs this same command. With `UMM_DISTRIBUTED=1` in th
 process's id itself; `--coordinator_address`, `--num_processes` and `--process_id` give them
 explicitly (anywhere else) or override what JAX would find. The work dir must be one that every
 process sees; only process 0 writes to it, except for checkpoints, which every process writes.
+
+The work dir is a local path or a URI that `etils.epath` reads and writes, such as the
+`gs://bucket/run` launch/tpu_pod.sh requires: every stage receives it as an `epath.Path`, which
+keeps the scheme (`pathlib.Path` would turn `gs://b/run` into the local `gs:/b/run`). Without
+TensorFlow, epath reaches `gs://` through fsspec's `gcsfs`; orbax's checkpoints there also need
+`google-cloud-storage` (a dependency of gcsfs), and TensorStore writes their arrays through its
+own GCS driver.
 """
 
 import json
 import logging as std_logging
-import pathlib
+import os
 from collections.abc import Callable
 
 import jax
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from umm_jax import (
@@ -36,7 +44,7 @@ from umm_jax import (
 )
 from umm_jax.models import resnet
 
-STAGES: dict[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]] = {
+STAGES: dict[str, Callable[[ml_collections.ConfigDict, epath.Path], None]] = {
   "pretrain": pretrain.run_stage,
   "monitor": monitor.run_stage,
   "umm": umm_stage.run_stage,
@@ -57,7 +65,9 @@ _POSITIVE_TRAIN_KEYS = (
 )
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory (or gs:// URI) for checkpoints, metrics and reports."
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "Multi-host: host:port of process 0 (default: JAX's detection)."
 )
@@ -117,10 +127,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-  """Validates `config`, records it in `workdir`, then runs its stages in order."""
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Validates `config`, records it in `workdir` (a path or a URI), then runs its stages."""
   validate(config)
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))

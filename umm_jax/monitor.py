@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from umm_jax import (
   augment,
@@ -273,10 +273,10 @@ def measure(
 
 def _previous(output, protocol: dict, encoder: str) -> dict:
   """Measured checkpoints of an earlier `monitor.json` with the same protocol and encoder."""
-  if output is None or not pathlib.Path(output).exists():
+  if output is None or not epath.Path(output).exists():
     return {}
   try:
-    old = json.loads(pathlib.Path(output).read_text())
+    old = json.loads(epath.Path(output).read_text())
     old_protocol, old_encoder, measured = old["protocol"], old["encoder"], old["checkpoints"]
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{output} is not a monitor.json this version reads ({e}); delete it") from e
@@ -294,12 +294,16 @@ def _previous(output, protocol: dict, encoder: str) -> dict:
 
 
 def _write(output, result: dict) -> None:
-  """Atomic write (a rename), by process 0 only."""
+  """Atomic write (a rename), by process 0 only.
+
+  On an object store (`gs://...`) the rename is a server-side copy, which creates the object
+  whole: a reader sees the old or the new file, never a part of one.
+  """
   if output is None or jax.process_index() != 0:
     return
-  tmp = pathlib.Path(f"{output}.tmp")
+  tmp = epath.Path(f"{output}.tmp")
   tmp.write_text(json.dumps(result, indent=2))
-  os.replace(tmp, output)
+  tmp.replace(output)
 
 
 def run(
@@ -323,7 +327,7 @@ def run(
   only names the data in the protocol, `encoder` the checkpoints. Raises a `ValueError` naming
   the path of a missing or corrupt checkpoint.
   """
-  directory = pathlib.Path(checkpoint_dir)
+  directory = epath.Path(checkpoint_dir)
   if not directory.is_dir():
     raise FileNotFoundError(f"No checkpoint directory {directory}")
   inputs = prepare(train_set, test_set, settings)
@@ -369,19 +373,19 @@ def _random_encoder(config, model, train_set, test_set, *, settings: Settings) -
   return dict(protocol=protocol, encoder=encoder, checkpoint_dir=None, checkpoints=checkpoints)
 
 
-def _steps(directory: pathlib.Path) -> list[int]:
+def _steps(directory: epath.Path) -> list[int]:
   if not directory.is_dir():
     return []
   with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
     return ckpt.all_steps()
 
 
-def umm_output(workdir: str | pathlib.Path, variant: str) -> pathlib.Path:
+def umm_output(workdir: str | os.PathLike, variant: str) -> epath.Path:
   """Where the monitor writes the measurements of UMM variant `variant`'s checkpoints."""
   return umm_stage.variant_dir(workdir, variant) / MONITOR_FILE
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """The `monitor` stage: every checkpoint of the work dir's encoders, resumable.
 
   `<workdir>/checkpoints` (pre-training) into `monitor.json`; then, for every UMM variant the
@@ -391,6 +395,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   pre-training checkpoints, the randomly initialised encoder pre-training starts from is
   measured instead, as step 0, and the log says so.
   """
+  workdir = epath.Path(workdir)
   settings = Settings.from_config(config)
   train_set, test_set = data.load(config.data, "train"), data.load(config.data, "test")
   model = pretrain.create_model(config)

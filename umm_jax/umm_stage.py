@@ -20,7 +20,7 @@ per log interval (`loss` = `L_SSL`, `js`, `delta_r`, `grad_norm`, `cg_residual`,
 test evaluation of the online probe. Resume, NaN guard and SIGINT/SIGTERM as in pre-training.
 """
 
-import pathlib
+import os
 from typing import NamedTuple
 
 import jax
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 
 from umm_jax import checkpoint, data, optim, parallel, pretrain, train, umm
 
@@ -78,18 +79,18 @@ def make_optimizer(
   )
 
 
-def variant_dir(workdir: str | pathlib.Path, variant: str) -> pathlib.Path:
-  """Where the `umm` stage writes `variant`'s checkpoints and metrics."""
-  return pathlib.Path(workdir) / UMM_DIR / variant
+def variant_dir(workdir: str | os.PathLike, variant: str) -> epath.Path:
+  """Where the `umm` stage writes `variant`'s checkpoints and metrics (a URI keeps its scheme)."""
+  return epath.Path(workdir) / UMM_DIR / variant
 
 
-def encoders(workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+def encoders(workdir: str | os.PathLike) -> dict[str, epath.Path]:
   """`{name: checkpoint directory}` of the encoders in `workdir`, in the paper's Table 1 order.
 
   'baseline' is the pre-trained encoder (`checkpoints/`); each UMM variant run by the `umm` stage
   (`umm/<variant>/checkpoints`) is named as in the paper's tables (`umm.VARIANT_LABELS`).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   found = {"baseline": workdir / pretrain.CHECKPOINT_DIR}
   for variant, label in umm.VARIANT_LABELS.items():
     found[label] = variant_dir(workdir, variant) / pretrain.CHECKPOINT_DIR
@@ -131,9 +132,7 @@ def umm_state(urun: UmmRun, pretrained: train.TrainState) -> train.TrainState:
   return state
 
 
-def load_pretrained(
-  workdir: pathlib.Path, target: train.TrainState
-) -> tuple[train.TrainState, int]:
+def load_pretrained(workdir: epath.Path, target: train.TrainState) -> tuple[train.TrainState, int]:
   """The newest pre-training checkpoint of `workdir` restored into `target`, and its step.
 
   Raises:
@@ -153,10 +152,10 @@ def load_pretrained(
 
 
 def finetune(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, variant: str
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, variant: str
 ) -> train.TrainState:
   """Runs (or resumes) `variant` on the encoder pre-trained in `workdir`; returns its state."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   out = variant_dir(workdir, variant)
   cfg = config.train
   mesh = parallel.make_mesh()
@@ -204,7 +203,7 @@ def finetune(
     )  # fmt: skip
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def run_stage(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """The `umm` stage of `umm_jax.main`: every variant of `config.umm.variants`, in order."""
   for variant in config.umm.variants:
     logging.info("UMM variant %s", variant)
