@@ -24,7 +24,7 @@ from fsspec.registry import _registry as fsspec_registry  # fsspec has no unregi
 from tensorboardX.proto import event_pb2
 
 from configs import test as test_config
-from umm_jax import checkpoint, data, evaluate, export, main, monitor, pretrain, umm_stage
+from umm_jax import checkpoint, data, evaluate, export, main, monitor, pretrain, report, umm_stage
 
 WORKDIR = "gs://bucket/run"
 _PROTOCOLS = ("gs", "gcs")  # epath asks fsspec for 'gcs'; paths say 'gs'
@@ -160,10 +160,10 @@ def test_metrics_log_rewrites_its_files_on_an_object_store(gcs, tmp_path):
   _assert_nothing_local(gcs)
 
 
-def test_main_writes_config_and_evaluation_under_a_uri(gcs, local_checkpoint, monkeypatch):
+def test_main_writes_config_evaluation_and_report_under_a_uri(gcs, local_checkpoint, monkeypatch):
   config, directory = local_checkpoint
   config = config.copy_and_resolve_references()
-  config.stages = ("evaluate",)
+  config.stages = ("evaluate", "report")
   # Stands in for the remote checkpoints, which orbax would read through TensorStore's GCS.
   monkeypatch.setattr(umm_stage, "encoders", lambda workdir: {"baseline": directory})
   main.run(config, WORKDIR)
@@ -174,6 +174,7 @@ def test_main_writes_config_and_evaluation_under_a_uri(gcs, local_checkpoint, mo
   result = json.loads((workdir / evaluate.RESULTS_FILE).read_text())
   assert result["baseline"]["step"] == 4
   assert set(result["baseline"]["layers"]["embedding"]) == {"knn_k5"}
+  assert "knn_k5" in (workdir / report.REPORT_FILE).read_text()
   _assert_nothing_local(gcs)
 
 
