@@ -139,13 +139,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     STAGES[stage](config, workdir)
 
 
-def _quiet_orbax(record) -> bool:
+def quiet_orbax(record) -> bool:
   """orbax logs every checkpoint operation at INFO; the console keeps its warnings only."""
   return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:

@@ -380,7 +380,7 @@ def main(argv: Sequence[str]) -> None:
   if _LAUNCHER.value is not None and not _DRY_RUN.value:
     raise app.UsageError("--launcher applies to --dry_run only")
   if not _DRY_RUN.value:  # as main: join the other processes before anything touches a device
-    logging.get_absl_handler().addFilter(umm_main._quiet_orbax)
+    logging.get_absl_handler().addFilter(umm_main.quiet_orbax)
     parallel.initialize_distributed(
       coordinator_address=flags.FLAGS.coordinator_address,
       num_processes=flags.FLAGS.num_processes,
