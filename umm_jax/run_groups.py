@@ -212,7 +212,7 @@ def mean_curves(series: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]) -> 
       index = {float(x): i for i, x in enumerate(e)}
       rows.append(values[name][[index[float(x)] for x in epochs]])
     stacked[name] = np.array(rows).reshape(len(series), len(epochs))
-  for name in {"knn_top1", "linear_top1", "delta"} & names:
+  for name in sorted({"knn_top1", "linear_top1", "delta"} & names):  # summary.json key order
     stacked[f"{name}/max"] = np.array([plots.normalized(row) for row in stacked[name]])
   n = len(series)
   return dict(
