@@ -17,7 +17,6 @@ several threads, so the sum can exceed the wall time).
 import argparse
 import collections
 import pathlib
-import platform
 import re
 import tempfile
 import time
@@ -146,8 +145,7 @@ def main():
   config.model.width = args.width
   print(
     f"SimCLR step, ResNet-18 (width {args.width}) CIFAR stem, batch {args.batch} x 2 views of "
-    f"32x32x3, {args.repeats} traced steps; jax {jax.__version__} on {jax.default_backend()} "
-    f"({jax.devices()[0].device_kind}), {platform.processor() or platform.machine()}"
+    f"32x32x3, {args.repeats} traced steps; {train_bench.machine()}"
   )
   wall, seconds = profile(*train_bench.pretrain_step(config), args.repeats)
   total = sum(seconds.values())

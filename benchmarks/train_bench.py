@@ -26,6 +26,12 @@ from umm_jax import data, pretrain, train
 SIZE = 32
 
 
+def machine() -> str:
+  """`jax <version> on <backend> (<device kind>), <processor>`: where a figure was measured."""
+  device = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+  return f"jax {jax.__version__} on {device}, {platform.processor() or platform.machine()}"
+
+
 def synthetic_config(batch: int, size: int = SIZE):
   """`configs/default.py` on one global batch of `batch` synthetic `size`² RGB images."""
   config = default.get_config()
@@ -139,8 +145,7 @@ def main():
   args = parser.parse_args()
   print(
     f"SimCLR step, ResNet-18 CIFAR stem, batch {args.batch} x 2 views of {SIZE}x{SIZE}x3, "
-    f"median of {args.repeats}; jax {jax.__version__} on {jax.default_backend()} "
-    f"({jax.devices()[0].device_kind}), {platform.processor() or platform.machine()}"
+    f"median of {args.repeats}; {machine()}"
   )
   jax_s, _ = pretrain_seconds(synthetic_config(args.batch), args.repeats)
   print(f"  jax    {1e3 * jax_s:9.1f} ms/step {args.batch / jax_s:8.1f} images/s")

@@ -13,7 +13,6 @@ pre-training step, and the compile time of each.
 """
 
 import argparse
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +44,7 @@ def main():
   config.model.width = args.width
   print(
     f"SimCLR, ResNet-18 (CIFAR stem, width {args.width}), batch {args.batch} x 2 views of "
-    f"{config.data.image_size}px, median of {args.repeats}; jax {jax.__version__} on "
-    f"{jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"{platform.processor() or platform.machine()}"
+    f"{config.data.image_size}px, median of {args.repeats}; {train_bench.machine()}"
   )
   base, compile_s = train_bench.pretrain_seconds(config, args.repeats)
   print(f"  {'pre-training step':28s} {base:8.3f} s/step  1.00x  (first call {compile_s:.1f} s)")
