@@ -44,7 +44,7 @@ from etils import epath
 
 # Importing main defines --config (locked, with its --config.x overrides) and --workdir, shared
 # here so that a sweep builds its base config exactly as main does.
-from umm_jax import aggregate, parallel
+from umm_jax import aggregate, parallel, run_groups
 from umm_jax import main as umm_main
 
 SWEEP_FILE = "sweep.json"
@@ -95,17 +95,6 @@ def _values(key: str, values: Any) -> tuple:
   return tuple(values)
 
 
-def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Flattened paths of every value of `config` (`umm.alpha`), blocks left out."""
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      keys += leaf_keys(value, f"{prefix}{key}.")
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
-
-
 def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   *blocks, field = key.split(".")
   for block in blocks:
@@ -141,7 +130,7 @@ def check_grid(grid: Mapping[str, Sequence], config: ml_collections.ConfigDict) 
   Raises:
     ValueError: naming the bad key (and the close valid ones) or the bad value and its key.
   """
-  keys = leaf_keys(config)
+  keys = list(run_groups.flatten(config.to_dict()))  # every value's dotted path
   scratch = copy.deepcopy(config)
   checked = {}
   for key, values in grid.items():
