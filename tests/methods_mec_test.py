@@ -101,11 +101,14 @@ def test_gradient_matches_finite_differences_and_stops_at_the_teacher():
 
 
 def test_warmup_of_lambda():
-  lamda = 0.5
-  at = lambda step: float(mec.warmup_lamda(lamda, jnp.asarray(step), warmup_steps=100))
-  assert at(0) == pytest.approx(lamda / 8)
-  assert at(50) == pytest.approx(lamda / 4.5)
-  assert at(100) == pytest.approx(lamda) and at(1000) == pytest.approx(lamda)
+  lamda, warmup = 0.5, 100
+  at = lambda step: float(mec.warmup_lamda(lamda, jnp.asarray(step), warmup_steps=warmup))
+  # The official lamda_scheduler: np.linspace(8/λ, 1/λ, W) over the first W steps, then 1/λ.
+  official = np.concatenate([np.linspace(8 / lamda, 1 / lamda, warmup), np.full(5, 1 / lamda)])
+  for step in (0, 1, 50, 98, 99, 100, 104):
+    assert 1 / at(step) == pytest.approx(official[step], rel=1e-6), step
+  assert at(1000) == pytest.approx(lamda)
+  assert float(mec.warmup_lamda(lamda, jnp.asarray(0), warmup_steps=1)) == pytest.approx(lamda)
   assert float(mec.warmup_lamda(lamda, jnp.asarray(0), warmup_steps=0)) == pytest.approx(lamda)
 
 

@@ -13,9 +13,9 @@ Scaling, as the official code does it (xinliu20/MEC `main_pretrain.py`): the tra
 `−½ (T(p₁, z₂) + T(p₂, z₁)) / (m λ)` with `T` the truncated series, i.e. the paper's `−μ·T`
 divided by the constant `μ m λ`, so that its leading term is `−mean cos(p, z)` and the official
 learning rates apply; the paper's per-sample coding length `μ T / m` is logged as `coding_length`.
-λ warms up as the official `lamda_scheduler`: `1/λ` goes linearly from `8/λ` to `1/λ` over
-`warmup_steps` (ten epochs there; the default here is ten CIFAR epochs at batch 256) to keep the
-series convergent early on; the method state counts the steps.
+λ warms up as the official `lamda_scheduler`: `1/λ` goes linearly from `8/λ` to `1/λ` over the
+steps `0 … warmup_steps − 1` (`np.linspace`; ten epochs there, ten CIFAR epochs at batch 256 by
+default here) to keep the series convergent early on; the method state counts the steps.
 
 Heads follow the official ResNet-50 model (SimSiam's): projector Linear 2048 → BN → ReLU →
 Linear 2048 → BN → ReLU → Linear 2048 → BN without affine, no biases; predictor Linear 512 → BN →
@@ -104,8 +104,12 @@ def mec_loss(
 
 
 def warmup_lamda(lamda: float, step: jax.Array, *, warmup_steps: int) -> jax.Array:
-  """λ during the official warm-up: `1/λ_t` linear from `8/λ` at step 0 to `1/λ` at the end."""
-  progress = jnp.minimum(step / max(warmup_steps, 1), 1.0) if warmup_steps > 0 else 1.0
+  """λ during the official warm-up: `1/λ_t` linear from `8/λ` at step 0 to `1/λ` at step `W − 1`.
+
+  As the official `np.linspace(8/λ, 1/λ, W)` for steps `t < W`, then `1/λ`: `1/λ_t =
+  (8 − 7 t/(W − 1))/λ`. `W = warmup_steps`; `W <= 1` is no warm-up.
+  """
+  progress = jnp.minimum(step / (warmup_steps - 1), 1.0) if warmup_steps > 1 else 1.0
   return lamda / (WARMUP_START + (1.0 - WARMUP_START) * progress)
 
 
