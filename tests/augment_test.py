@@ -386,3 +386,16 @@ def test_two_views_is_deterministic_and_accepts_float_images():
   assert not np.allclose(first["box"], other["box"])
   as_float = run(jax.random.key(4), images.astype(np.float32) / 255.0)
   np.testing.assert_allclose(as_float["image"], first["image"], atol=1e-6)
+
+
+def test_two_views_under_x64_match_float32():
+  # jax_enable_x64 must not change the views (float32 uniforms, float32 pixels): the UMM step can
+  # then run in float64 for checking.
+  images = np.random.default_rng(5).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+  key = jax.random.key(2)
+  expected = augment.two_views(key, jnp.asarray(images), recipe="simclr", size=8)
+  with jax.enable_x64(True):
+    views = augment.two_views(key, jnp.asarray(images), recipe="simclr", size=8)
+    assert views["image"].dtype == jnp.float32
+  np.testing.assert_allclose(views["image"], expected["image"], atol=1e-6)
+  np.testing.assert_allclose(views["box"], expected["box"], atol=1e-6)

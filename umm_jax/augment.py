@@ -187,7 +187,7 @@ def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
   # Closed form of the six-sector HSV → RGB table: channel n ∈ (R, G, B) = (5, 3, 1) gives
   # v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
   h, s, v = hsv[..., :1], hsv[..., 1:2], hsv[..., 2:]
-  k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0]) + 6.0 * h, 6.0)
+  k = jnp.mod(jnp.asarray([5.0, 3.0, 1.0], hsv.dtype) + 6.0 * h, 6.0)
   return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
@@ -357,7 +357,7 @@ def augment_view(
   return _view_from_uniforms(_uniforms(key), image, view_params, size=size)
 
 
-_uniforms = functools.partial(jax.random.uniform, shape=(_NUM_DRAWS,))
+_uniforms = functools.partial(jax.random.uniform, shape=(_NUM_DRAWS,), dtype=jnp.float32)
 
 
 def _view_from_uniforms(
