@@ -198,12 +198,98 @@ def test_grad_norm_is_log_of_numpy_norms():
   assert float(v[2]) == pytest.approx(0.5 * np.log(np.finfo(np.float32).tiny))
 
 
-def test_ridge_regularises_rank_deficient_jacobians():
+def np_half_logdet_ridged(jac, ridge):
+  """½ · logdet(G + ridge · tr(G)/r · I), `G` the smaller Gram side of `jac` (float64)."""
+  jac = np.asarray(jac, np.float64)
+  gram = jac @ jac.T if jac.shape[0] <= jac.shape[1] else jac.T @ jac
+  lam = ridge * np.trace(gram) / gram.shape[0]
+  sign, logdet = np.linalg.slogdet(gram + lam * np.eye(gram.shape[0]))
+  assert sign > 0
+  return 0.5 * logdet
+
+
+def _rank_deficient(kind):
+  """A linear late map `[d_l, d_e]` of lower rank than `d_l`, as ReLU networks give."""
+  rng = np.random.default_rng(31)
+  if kind == "zero rows":  # the issue's reproduction: 8 × 32 with two zero rows
+    w = rng.normal(size=(8, 32))
+    w[[2, 5]] = 0.0
+  elif kind == "dependent rows":  # rows 6, 7 are sums of others
+    w = rng.normal(size=(6, 40))
+    w = np.concatenate([w, w[:2] + w[2:4]])
+  else:  # "wide": 16 outputs of which 5 dead, from 512 inputs
+    w = rng.normal(size=(16, 512))
+    w[:5] = 0.0
+  return w
+
+
+@pytest.mark.parametrize("kind", ["zero rows", "dependent rows", "wide"])
+@pytest.mark.parametrize("ridge", [1e-6, 1e-4])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 0.01])
+def test_rank_deficient_jacobians_match_float64_in_float32(kind, ridge, scale):
+  # The plain float32 Cholesky of the (rotated) Gram was NaN or off by up to 0.2 nats here.
+  w = scale * _rank_deficient(kind)
+  d_l, d_e = w.shape
+  z_e = jnp.asarray(rng_normal(32, 6, d_e), jnp.float32)
+  f = lambda z: jnp.asarray(w, jnp.float32) @ z
+  expected = np_half_logdet_ridged(w.astype(np.float32), ridge)
+  exact = _log_volume(f, z_e, estimator="exact", ridge=ridge)
+  key = jax.random.key(4)
+  sketch = _log_volume(f, z_e, estimator="sketch", key=key, num_directions=d_l, ridge=ridge)
+  # All directions: U is a rotation, so the sketch's Gram is Uᵀ (W Wᵀ) U, same determinant.
+  np.testing.assert_allclose(exact, np.full(6, expected), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(sketch, np.full(6, expected), rtol=0, atol=1e-4)
+  # Fewer directions: the projection's own float64 value.
+  k = d_l // 2
+  u = np.asarray(density.sketch_directions(key, dim=d_l, num_directions=k), np.float64)
+  part = _log_volume(f, z_e, estimator="sketch", key=key, num_directions=k, ridge=ridge)
+  np.testing.assert_allclose(
+    part, np.full(6, np_half_logdet_ridged(u.T @ w.astype(np.float32), ridge)), rtol=0, atol=1e-4
+  )
+
+
+def test_dead_relu_units_match_float64_and_keep_gradients_finite():
+  # A ReLU layer with dead units: rows of J are exactly zero at every input.
+  rng = np.random.default_rng(33)
+  w1, w2 = rng.normal(size=(24, 10)), rng.normal(size=(12, 24)) / 5
+  b1 = np.where(np.arange(24) < 9, -100.0, 0.1)  # 9 of 24 hidden units never fire
+  z_e = rng_normal(34, 5, 10)
+
+  def make(xp, relu, dtype):
+    w1_, b1_, w2_ = (xp.asarray(x, dtype) for x in (w1, b1, w2))
+    return lambda z: w2_ @ relu(w1_ @ z + b1_)
+
+  f64 = make(np, lambda x: np.maximum(x, 0.0), np.float64)
+  expected = [np_half_logdet_ridged(np_jacobian(f64, z), 1e-6) for z in z_e]
+  f32 = make(jnp, jax.nn.relu, jnp.float32)
+  z32 = jnp.asarray(z_e, jnp.float32)
+  exact = _log_volume(f32, z32, estimator="exact", ridge=1e-6)
+  sketch = _log_volume(
+    f32, z32, estimator="sketch", key=jax.random.key(6), num_directions=12, ridge=1e-6
+  )
+  np.testing.assert_allclose(exact, expected, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(sketch, expected, rtol=0, atol=1e-4)
+
+  def js(w2_):
+    f = lambda z: w2_ @ jax.nn.relu(jnp.asarray(w1, jnp.float32) @ z + jnp.asarray(b1, jnp.float32))
+    key = jax.random.key(6)
+    return density.density_js(f, z32, estimator="sketch", key=key, num_directions=12, ridge=1e-6)
+
+  grad = jax.jit(jax.grad(js))(jnp.asarray(w2, jnp.float32))
+  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+
+
+def test_ridge_is_relative_to_the_gram_scale():
+  # ½ logdet(G + ρ tr(G)/r I) shifts by r · log(s) when J is scaled by s: no absolute floor.
   a = rng_normal(13, 3, 2) @ rng_normal(14, 2, 5)  # [3, 5] of rank 2: J Jᵀ is singular
   z_e = jnp.asarray(rng_normal(15, 2, 5), jnp.float32)
-  v = _log_volume(lambda z: jnp.asarray(a, jnp.float32) @ z, z_e, estimator="exact", ridge=1e-2)
-  expected = 0.5 * np.linalg.slogdet(a @ a.T + 1e-2 * np.eye(3))[1]
-  np.testing.assert_allclose(v, np.full(2, expected), rtol=1e-4)
+  values = []
+  for s in (1.0, 1e3):
+    f = lambda z, s=s: jnp.asarray(s * a, jnp.float32) @ z
+    v = _log_volume(f, z_e, estimator="exact", ridge=1e-2)
+    np.testing.assert_allclose(v, np.full(2, np_half_logdet_ridged(s * a, 1e-2)), rtol=1e-5)
+    values.append(float(v[0]))
+  assert values[1] - values[0] == pytest.approx(3 * np.log(1e3), abs=1e-4)
 
 
 # --- convolutional late map ----------------------------------------------------------------------
