@@ -1,7 +1,14 @@
-"""Where the time of one SimCLR pre-training step goes: XLA's own per-operation profile.
+"""Where the time of one SimCLR pre-training or UMM step goes: XLA's own per-operation profile.
 
 Run (from the repository root):
   python -m benchmarks.step_profile --batch=256 --width=64 --repeats=3
+  python -m benchmarks.step_profile --umm=implicit --hessian=full --batch=32 --width=8 --repeats=1
+
+With `--umm=MODE` the step is the `umm` stage's (`benchmarks.umm_bench.umm_step`, the config's
+UMM defaults with `umm.hypergrad=MODE`, `umm.hessian=--hessian`, or the single-level variant for
+`--umm=joint`), and its parts are the UMM terms, found through the named scopes `umm.py` and
+`implicit.py` put on them: the CG solve's Hessian-vector products (everything they call), the
+JS term (sketch VJPs and log-volumes), ΔR, `L_SSL` (f_late and the heads), f_early.
 
 Compiles the step the `pretrain` stage runs (`benchmarks.train_bench.pretrain_step`: on-device
 augmentation of two views, ResNet-18 with the CIFAR stem on each, SimCLR's projector and NT-Xent,
@@ -24,7 +31,7 @@ import time
 import jax
 from jax import profiler
 
-from benchmarks import train_bench
+from benchmarks import train_bench, umm_bench
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # (part, pattern on the op_name), first match wins.
@@ -37,6 +44,15 @@ PARTS = (
   ("probe", r"LinearClassifier|probe_loss"),
 )
 OTHER = "loss, optimiser, other"
+UMM_PARTS = (
+  ("augmentation (two views)", r"_views_of_batch"),
+  ("CG solve: Hessian-vector products", r"implicit_cg"),
+  ("JS term (sketch VJPs, log-volumes)", r"umm_js"),
+  ("ΔR (soft membership, factorisations)", r"umm_delta_r"),
+  ("L_SSL (f_late and heads, train mode)", r"umm_ssl"),
+  ("f_early forward (frozen)", r"umm_early"),
+  ("probe", r"LinearClassifier|probe_loss"),
+)
 
 
 _OPCODES = (
@@ -74,8 +90,8 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
   return kinds
 
 
-def part_of(op_name: str) -> str:
-  for part, pattern in PARTS:
+def part_of(op_name: str, parts=PARTS) -> str:
+  for part, pattern in parts:
     if re.search(pattern, op_name):
       return part
   return OTHER
@@ -102,7 +118,7 @@ def kind_of(opcode: str, op_name: str) -> str:
   return "other (optimiser, loss, copies)"
 
 
-def profile(step, state, batch, repeats: int):
+def profile(step, state, batch, repeats: int, parts=PARTS):
   """`(wall seconds per step, {(part, kind): summed op seconds per step})`."""
   key = jax.random.key(1)
   state, metrics = step(state, batch, key)
@@ -125,7 +141,9 @@ def profile(step, state, batch, repeats: int):
         if "hlo_op" not in stats or "step" not in str(stats.get("hlo_module", "")):
           continue
         opcode, op_name = names.get(stats["hlo_op"], ("other", ""))
-        seconds[(part_of(op_name), kind_of(opcode, op_name))] += event.duration_ns * 1e-9 / repeats
+        seconds[(part_of(op_name, parts), kind_of(opcode, op_name))] += (
+          event.duration_ns * 1e-9 / repeats
+        )
   return wall, seconds
 
 
@@ -140,14 +158,26 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--umm", default="", help="a UMM hyper-gradient mode, or 'joint'")
+  parser.add_argument("--hessian", default="full", help="umm.hessian, with --umm")
   args = parser.parse_args()
   config = train_bench.synthetic_config(args.batch)
   config.model.width = args.width
+  what = "SimCLR step"
+  if args.umm:
+    what = f"UMM step ({args.umm}, H {args.hessian}, split {config.umm.split})"
   print(
-    f"SimCLR step, ResNet-18 (width {args.width}) CIFAR stem, batch {args.batch} x 2 views of "
+    f"{what}, ResNet-18 (width {args.width}) CIFAR stem, batch {args.batch} x 2 views of "
     f"32x32x3, {args.repeats} traced steps; {train_bench.machine()}"
   )
-  wall, seconds = profile(*train_bench.pretrain_step(config), args.repeats)
+  if args.umm:
+    variant = "joint" if args.umm == "joint" else "umm"
+    if variant == "umm":
+      config.umm.hypergrad = args.umm
+    config.umm.hessian = args.hessian
+    wall, seconds = profile(*umm_bench.umm_step(config, variant), args.repeats, UMM_PARTS)
+  else:
+    wall, seconds = profile(*train_bench.pretrain_step(config), args.repeats)
   total = sum(seconds.values())
   print(f"  wall time {wall:.3f} s/step; summed operation time {total:.3f} s/step")
   parts, kinds = collections.Counter(), collections.Counter()

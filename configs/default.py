@@ -117,15 +117,22 @@ def get_config() -> ml_collections.ConfigDict:
       cg_maxiter=10,  # 'implicit': cap on conjugate-gradient iterations of the backward solve
       cg_ridge=1e-4,  # 'implicit': ridge added to I + η·H (the Hessian may be indefinite)
       cg_tol=1e-5,  # 'implicit': relative residual at which conjugate gradients stops
+      # The curvature in the hyper-gradient: 'full' (Hessian of L_in, the paper's) or 'ssl' (of
+      # L_SSL alone: the JS term left out, Gauss–Newton style; far cheaper, see umm_jax.umm).
+      hessian="full",
+      fd_radius=0.01,  # 'finite_difference': r = fd_radius/‖v‖ (the authors'; see umm_jax.implicit)
       keep_inner_step=False,  # True: apply the outer update to θ* (authors' code), not to θ
       volume="sketch",  # log-volume estimator of the JS term: 'exact', 'sketch', 'grad_norm'
       num_directions=16,  # k, random output directions of the 'sketch' estimator
-      volume_ridge=1e-6,  # added to the Jacobian Gram's diagonal (keeps rank-deficient ones finite)
-      volume_chunk=0,  # views per batched log-volume factorisation; 0: 1 on CPU, all elsewhere
+      volume_ridge=1e-6,  # × the Gram's mean eigenvalue, added to its diagonal (relative)
+      # True: v / (the number of log singular values it sums, k for 'sketch'), so that JS's scale,
+      # and so what β means, does not grow with k (the spec's v is the plain sum: False).
+      volume_normalize=False,
+      volume_chunk=0,  # views per batched log-volume factorisation (memory); 0: all
       membership="soft",  # ΔR groups: 'soft' (every view anchors one, τ below) or 'instance'
       temperature=0.1,  # τ of the soft membership
       eps2=0.5,  # ε² of the coding rate
-      group_block=0,  # ΔR groups factorised at a time; 0: 1 on CPU, crr's default elsewhere
+      group_block=0,  # ΔR groups factorised at a time; 0: crr.DEFAULT_GROUP_BLOCK
       # The outer optimiser: optim.create with config.optim overridden by these keys.
       optimizer="",  # umm_jax.optim.OPTIMIZERS; "": optim.name, else the method's own family
       lr=0.01,  # peak learning rate of θ (absolute: not scaled by the batch size)

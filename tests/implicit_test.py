@@ -50,7 +50,7 @@ def loss_out(w, c, d):
 hypergradient = jax.jit(
   implicit.hypergradient,
   static_argnums=(0, 1, 2),
-  static_argnames=("num_steps", "has_aux_in", "has_aux_out", "cg_maxiter"),
+  static_argnames=("num_steps", "has_aux_in", "has_aux_out", "cg_maxiter", "hessian_loss"),
 )
 
 
@@ -316,3 +316,44 @@ def test_import_is_silent():
     [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False
   )
   assert result.returncode == 0, result.stderr
+
+
+def test_hessian_loss_replaces_the_curvature_only():
+  # L_in = quadratic + ¼Σw⁴, hessian_loss = the quadratic alone (H = A): θ* still steps on ∇L_in,
+  # while every mode multiplies by A in place of ∇²L_in. Closed forms with A.
+  p, eta = problem(3), 0.1
+  theta1 = p["theta"] - eta * (p["a"] @ p["theta"] - p["b"] + p["theta"] ** 3)
+  v = p["c"].T @ (p["c"] @ theta1 - p["d"])
+  kw = dict(inner=quartic_in, eta=eta, hessian_loss=loss_in)
+  un = run("unrolled", p, **kw)
+  np.testing.assert_allclose(un.theta_star, theta1, atol=1e-12)
+  np.testing.assert_allclose(un.grad, (np.eye(N) - eta * p["a"]) @ v, rtol=1e-10, atol=1e-12)
+  fd = run("finite_difference", p, **kw)  # a central difference of a linear gradient is exact
+  np.testing.assert_allclose(fd.grad, un.grad, rtol=1e-8, atol=1e-10)
+  im = run("implicit", p, **kw, cg_ridge=0.0, cg_tol=1e-13, cg_maxiter=50)
+  np.testing.assert_allclose(im.theta_star, theta1, atol=1e-12)
+  np.testing.assert_allclose(im.grad, np.linalg.solve(np.eye(N) + eta * p["a"], v), rtol=1e-9)
+  assert "inner_residual" not in im.metrics and im.metrics["cg_residual"] < 1e-9
+  # Without it, the quartic's curvature 3w² is in: a different g.
+  full = run("unrolled", p, inner=quartic_in, eta=eta)
+  assert np.abs(np.asarray(full.grad) - np.asarray(un.grad)).max() > 1e-3
+
+
+@pytest.mark.parametrize("maxiter", [2, 4, 12])
+def test_unrolled_cg_matches_jax_scipy_cg(maxiter):
+  # The same iterates as jax.scipy's while-loop CG; past convergence x stays where it stopped.
+  rng = np.random.default_rng(11)
+  q, _ = np.linalg.qr(rng.normal(size=(N, N)))
+  a = q @ np.diag([0.5, 1.0, 2.0, 3.0]) @ q.T
+  b = {"u": rng.normal(size=2), "v": rng.normal(size=2)}
+  mat = lambda x: jnp.concatenate([x["u"], x["v"]])
+  matvec = lambda x: (lambda y: {"u": y[:2], "v": y[2:]})(jnp.asarray(a) @ mat(x))
+  b = jax.tree.map(jnp.asarray, b)
+  for tol in (1e-3, 1e-12):
+    ours = implicit.solve_cg_unrolled(matvec, b, ridge=0.1, maxiter=maxiter, tol=tol)
+    ridged = lambda x: jax.tree.map(lambda p, q: p + 0.1 * q, matvec(x), x)
+    ref = jax.scipy.sparse.linalg.cg(ridged, b, tol=tol, maxiter=maxiter)[0]
+    np.testing.assert_allclose(mat(ours), mat(ref), rtol=1e-9, atol=1e-12)
+  if maxiter >= N:  # exact in N steps in exact arithmetic
+    expected = np.linalg.solve(a + 0.1 * np.eye(N), np.asarray(mat(b)))
+    np.testing.assert_allclose(mat(ours), expected, rtol=1e-8)

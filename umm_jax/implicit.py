@@ -26,9 +26,22 @@ Modes (`HYPERGRADS`):
   `w = θ`; for `K = 1`, `g = (I − η H(θ)) v` (the paper's "quadratic gradient").
 - `finite_difference`: the approximation of the UMM authors' code (Betty's DARTS mode) with
   `θ*` from `K` gradient steps: `g = v − η · [∇L_in(θ + r v) − ∇L_in(θ − r v)] / (2r)`,
-  `r = 0.01 / ‖v‖`. For `K = 1` it is `unrolled` with `H(θ) v` replaced by a central difference,
-  which is exact for a quadratic `L_in` and otherwise off by `r²/6 · ∇⁴L_in(θ)[v, v, v, ·]` (the
-  third derivative of `∇L_in`), so `g` is off by `η` times that.
+  `r = fd_radius / ‖v‖` (Betty's `fd_radius = 0.01` by default). On the test network in float32
+  (`tests/umm_test.py`), `finite_difference` differs from the exact `unrolled` by 1.1e-2 of `‖g‖`
+  at 0.01, 1.6e-2 at 1e-3 and 4.5e-2 at 1e-4, against a whole `η` correction of 2.7e-2: a smaller
+  radius crosses fewer ReLU kinks but drowns in float32 rounding, so 0.01 stays the default.
+  For `K = 1` it is `unrolled` with `H(θ) v` replaced by a central difference, which is exact for
+  a quadratic `L_in` and otherwise off by `r²/6 · ∇⁴L_in(θ)[v, v, v, ·]` (the third derivative of
+  `∇L_in`), so `g` is off by `η` times that.
+
+Hessian-vector products. Every mode multiplies by `H` only through `H u`, never builds `H`: the
+gradient of `L_in` inside the steps and inside `F` carries a custom VJP that computes `H u` as one
+JVP of the gradient (forward over reverse; `H` is symmetric), about a third of the cost of the
+reverse-over-reverse product autodiff would build (a JS term's VJPs differentiated twice more).
+`hessian_loss` replaces `L_in` in those products only (`finite_difference`: in the difference),
+while `θ*` still steps on `∇L_in`: e.g. a UMM inner loss's `L_SSL` alone, leaving the costly JS
+term out of the curvature (a Gauss–Newton-style approximation that changes `g` by `O(η · β)`; off
+unless asked). Arguments `args_in` receive no gradient through these products.
 
 The three agree to first order in `η`: `implicit` (any `K`) and `unrolled` differ by `O(η²)`,
 and `finite_difference` is `unrolled` (`K = 1`) up to `η · O(r²)`. The caller discards `θ*` and
@@ -53,15 +66,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 with warnings.catch_warnings():
-  # jaxopt's `__init__` warns that the package is unmaintained; this module pins and tests the two
-  # pieces it uses (`custom_root`, `solve_cg`), so the warning says nothing a user can act on.
+  # jaxopt's `__init__` warns that the package is unmaintained; this module pins and tests the
+  # piece it uses (`custom_root`), so the warning says nothing a user can act on.
   warnings.filterwarnings(
     "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
   )
-  from jaxopt import implicit_diff, linear_solve
+  from jaxopt import implicit_diff
 
 HYPERGRADS = ("implicit", "unrolled", "finite_difference")
 
@@ -70,8 +84,8 @@ DEFAULT_CG_MAXITER = 20
 DEFAULT_CG_RIDGE = 1e-4
 DEFAULT_CG_TOL = 1e-5
 
-# Betty's DARTS radius `r = 0.01 / ‖v‖`.
-FD_RADIUS_SCALE = 0.01
+# Betty's DARTS radius `r = 0.01 / ‖v‖`, the default of direct calls.
+DEFAULT_FD_RADIUS = 0.01
 
 Params = Any
 Loss = Callable[..., Any]
@@ -130,9 +144,79 @@ def _grad(loss: Loss, has_aux: bool) -> Callable[..., Params]:
   return (lambda w, *args: fn(w, *args)[0]) if has_aux else fn
 
 
+def _zero_cotangent(x):
+  """A zero cotangent for `x` (float0 for integer and boolean leaves, as JAX expects)."""
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _hvp_value_and_grad(
+  loss: Loss, has_aux: bool, hessian_loss: Loss | None
+) -> Callable[[Params, tuple], tuple[jax.Array, Any, Params]]:
+  """`(w, args) -> (value, aux, ∇_w loss)` whose VJP is forward-over-reverse.
+
+  The VJP of the gradient output with a cotangent `u` is `H u` with `H` the Hessian of
+  `hessian_loss` (of `loss` when None), by one JVP of its gradient: `H` is symmetric, so `Hᵀu =
+  H u`, and a JVP of the gradient costs about a third of the reverse-over-reverse VJP that
+  autodiff would build. The value's cotangent adds `ct · ∇loss`; `aux` and `args` receive no
+  gradient (zero cotangents), as everywhere in this module.
+  """
+  value_and_grad = _value_and_grad(loss, has_aux)
+  hess_grad = _grad(loss if hessian_loss is None else hessian_loss, has_aux)
+
+  @jax.custom_vjp
+  def fn(w, args):
+    return value_and_grad(w, *args)
+
+  def fwd(w, args):
+    out = value_and_grad(w, *args)
+    return out, (w, args, out[2])
+
+  def bwd(residuals, cotangents):
+    w, args, grad = residuals
+    ct_value, _, ct_grad = cotangents
+    _, hvp = jax.jvp(lambda x: hess_grad(x, *args), (w,), (ct_grad,))
+    ct_w = jax.tree.map(lambda h, g: h + ct_value * g, hvp, grad)
+    return ct_w, jax.tree.map(_zero_cotangent, args)
+
+  fn.defvjp(fwd, bwd)
+  return fn
+
+
 def _axpy(a, x: Params, y: Params) -> Params:
   """`y + a · x` leaf by leaf, in the dtypes of `y` (a float64 `a` must not promote float32)."""
   return jax.tree.map(lambda xi, yi: (yi + a * xi).astype(yi.dtype), x, y)
+
+
+def solve_cg_unrolled(matvec: Callable, b: Params, *, ridge, maxiter: int, tol) -> Params:
+  """Conjugate gradients on `(A + ridge · I) x = b` from `x = 0`, `maxiter` iterations unrolled.
+
+  The iterations of `jax.scipy.sparse.linalg.cg` (jaxopt's `solve_cg`) as straight-line code: on
+  XLA's CPU backend a network's Hessian-vector product inside a `while` loop ran 13× slower than
+  the same product outside one (3 products of the UMM step: 83 s in `fori_loop`, 6.3 s unrolled;
+  `benchmarks/umm_bench.py`). Iterations after convergence (`‖r‖ <= tol · ‖b‖`, as
+  `jax.scipy`'s test) leave `x` unchanged, so the result is the same as stopping there, but every
+  one of the `maxiter` products is computed. `A` must be symmetric positive definite on the
+  Krylov space (the cap on iterations bounds the damage when it is not).
+  """
+  vdot = otu.tree_vdot
+  x = jax.tree.map(jnp.zeros_like, b)
+  r, p = b, b
+  rs = vdot(r, r)
+  bound = jnp.square(tol) * rs
+  for _ in range(maxiter):
+    live = rs > bound
+    with jax.named_scope("implicit_cg"):  # the profile's part (benchmarks/step_profile.py)
+      ap = _axpy(ridge, p, matvec(p))
+    alpha = jnp.where(live, rs / jnp.where(live, vdot(p, ap), 1.0), 0.0)
+    x = _axpy(alpha, p, x)
+    r = _axpy(-alpha, ap, r)
+    rs_new = vdot(r, r)
+    beta = jnp.where(live, rs_new / jnp.where(live, rs, 1.0), 0.0)
+    p = _axpy(beta, p, r)
+    rs = jnp.where(live, rs_new, rs)
+  return x
 
 
 def _check(*, num_steps: int, eta, **positive) -> None:
@@ -153,8 +237,12 @@ def explicit_steps(
   num_steps: int = 1,
   args_in: tuple = (),
   has_aux: bool = False,
+  hessian_loss: Loss | None = None,
 ) -> InnerSolution:
-  """`K` gradient steps `w ← w − η ∇L_in(w)` from `w = θ`; differentiable by plain autodiff.
+  """`K` gradient steps `w ← w − η ∇L_in(w)` from `w = θ`, differentiable in `θ` by autodiff.
+
+  Reverse mode through a step multiplies by `I − η H(w)` with forward-over-reverse Hessian-vector
+  products (`H` of `hessian_loss`, default `L_in`); forward mode is not defined.
 
   Args:
     loss_in: `loss_in(w, *args_in)`, a scalar (or `(scalar, aux)` when `has_aux`).
@@ -163,18 +251,19 @@ def explicit_steps(
     num_steps: the number of steps `K >= 1` (static).
     args_in: extra positional arguments of `loss_in` (batches); not differentiated.
     has_aux: whether `loss_in` returns `(loss, aux)`.
+    hessian_loss: `hessian_loss(w, *args_in)` like `loss_in` (same aux flag), whose Hessian
+      replaces `L_in`'s in the differentiation (None: `L_in`'s own); see the module docstring.
 
   Returns:
     `InnerSolution(theta_star=w_K, loss=L_in(θ), aux=aux of L_in(θ))`.
   """
   _check(num_steps=num_steps, eta=eta)
-  value_and_grad = _value_and_grad(loss_in, has_aux)
-  grad = _grad(loss_in, has_aux)
-  value, aux, g = value_and_grad(theta, *args_in)
-  # A static trip count makes `fori_loop` a `scan`, which reverse-mode autodiff can go through.
-  w = jax.lax.fori_loop(
-    1, num_steps, lambda _, w: _axpy(-eta, grad(w, *args_in), w), _axpy(-eta, g, theta)
-  )
+  value_and_grad = _hvp_value_and_grad(loss_in, has_aux, hessian_loss)
+  value, aux, g = value_and_grad(theta, args_in)
+  w = _axpy(-eta, g, theta)
+  # Unrolled in Python (K is static and small): loop bodies run far slower on XLA's CPU backend.
+  for _ in range(num_steps - 1):
+    w = _axpy(-eta, value_and_grad(w, args_in)[2], w)
   return InnerSolution(w, value, aux)
 
 
@@ -189,14 +278,16 @@ def inner_solution(
   cg_maxiter: int = DEFAULT_CG_MAXITER,
   cg_ridge=DEFAULT_CG_RIDGE,
   cg_tol=DEFAULT_CG_TOL,
+  hessian_loss: Loss | None = None,
 ) -> InnerSolution:
   """The proximal point `argmin_w L_in(w) + ‖w − θ‖²/(2η)`, implicitly differentiable in `θ`.
 
   `K` fixed-point iterations `w ← θ − η ∇L_in(w)` from `w = θ`. Autodiff does not go through
   them: `jaxopt.implicit_diff.custom_root` on `F(w, θ) = η ∇L_in(w) + w − θ` makes the VJP
   of `θ*` with a cotangent `v` the solution `g` of `(I + η H(θ*) + ridge · I) g = v` by
-  conjugate gradients (`cg_maxiter`, `cg_ridge`, `cg_tol`). So `jax.grad` of any function of
-  `theta_star` w.r.t. `θ` is the implicit hyper-gradient.
+  conjugate gradients (`cg_maxiter`, `cg_ridge`, `cg_tol`), each product `H u` one JVP of the
+  gradient (forward over reverse; `H` of `hessian_loss`, default `L_in`). So `jax.grad` of any
+  function of `theta_star` w.r.t. `θ` is the implicit hyper-gradient.
 
   Args:
     loss_in: `loss_in(w, *args_in)`, a scalar (or `(scalar, aux)` when `has_aux`).
@@ -208,6 +299,8 @@ def inner_solution(
     cg_maxiter: the cap on conjugate-gradient iterations of the backward pass (static).
     cg_ridge: `ridge >= 0` added to the diagonal of `I + η H` in the backward pass.
     cg_tol: the relative residual at which conjugate gradients stops.
+    hessian_loss: `hessian_loss(w, *args_in)` like `loss_in` (same aux flag), whose Hessian
+      replaces `L_in`'s in the differentiation (None: `L_in`'s own); see the module docstring.
 
   Returns:
     `InnerSolution(theta_star=w_K, loss=L_in(θ), aux=aux of L_in(θ))`; only `theta_star` carries
@@ -218,21 +311,24 @@ def inner_solution(
     raise ValueError(f"cg_maxiter must be an integer >= 1, got {cg_maxiter!r}.")
   value_and_grad = _value_and_grad(loss_in, has_aux)
   grad = _grad(loss_in, has_aux)
+  # jaxopt's matvec is the VJP of `optimality` in `w`: through this gradient, one JVP each.
+  hvp_grad = _hvp_value_and_grad(loss_in, has_aux, hessian_loss)
 
   def optimality(w, theta, eta, args_in):
-    return _axpy(eta, grad(w, *args_in), otu.tree_sub(w, theta))
+    return _axpy(eta, hvp_grad(w, args_in)[2], otu.tree_sub(w, theta))
 
   # `eta` and `args_in` are explicit arguments, not closures, as jaxopt's design expects: its
   # backward pass returns (unused) cotangents for them, which `jit` eliminates.
   @implicit_diff.custom_root(
     optimality,
     has_aux=True,
-    solve=functools.partial(linear_solve.solve_cg, ridge=cg_ridge, maxiter=cg_maxiter, tol=cg_tol),
+    solve=functools.partial(solve_cg_unrolled, ridge=cg_ridge, maxiter=cg_maxiter, tol=cg_tol),
   )
   def solve(init, theta, eta, args_in):
     value, aux, g = value_and_grad(init, *args_in)
-    step = lambda g: _axpy(-eta, g, theta)
-    w = jax.lax.fori_loop(1, num_steps, lambda _, w: step(grad(w, *args_in)), step(g))
+    w = _axpy(-eta, g, theta)
+    for _ in range(num_steps - 1):  # unrolled, as in `explicit_steps`
+      w = _axpy(-eta, grad(w, *args_in), theta)
     return w, (value, aux)
 
   w, (value, aux) = solve(theta, theta, eta, args_in)
@@ -254,6 +350,8 @@ def hypergradient(
   cg_maxiter: int = DEFAULT_CG_MAXITER,
   cg_ridge=DEFAULT_CG_RIDGE,
   cg_tol=DEFAULT_CG_TOL,
+  fd_radius=DEFAULT_FD_RADIUS,
+  hessian_loss: Loss | None = None,
 ) -> Hypergradient:
   """The hyper-gradient `g ≈ dL_out(θ*(θ))/dθ` by `mode` (see the module docstring).
 
@@ -271,6 +369,9 @@ def hypergradient(
     cg_maxiter: `implicit` only: the cap on conjugate-gradient iterations (static).
     cg_ridge: `implicit` only: `ridge >= 0` added to `I + η H`.
     cg_tol: `implicit` only: the relative residual at which conjugate gradients stops.
+    fd_radius: `finite_difference` only: the difference step is `r = fd_radius / ‖v‖` (> 0).
+    hessian_loss: `hessian_loss(w, *args_in)` like `loss_in` (same aux flag), whose Hessian
+      replaces `L_in`'s in the differentiation (None: `L_in`'s own); see the module docstring.
 
   Returns:
     `Hypergradient(grad, theta_star, metrics, aux_in, aux_out)`; see its docstring.
@@ -280,10 +381,15 @@ def hypergradient(
   """
   if mode not in HYPERGRADS:
     raise ValueError(f"Unknown hyper-gradient mode {mode!r}; valid modes: {', '.join(HYPERGRADS)}.")
-  inner = dict(eta=eta, num_steps=num_steps, args_in=args_in, has_aux=has_aux_in)
+  if isinstance(fd_radius, numbers.Real) and not fd_radius > 0:
+    raise ValueError(f"fd_radius must be > 0, got {fd_radius!r}.")
+  inner = dict(
+    eta=eta, num_steps=num_steps, args_in=args_in, has_aux=has_aux_in, hessian_loss=hessian_loss
+  )
   if mode == "implicit":
     inner.update(cg_maxiter=cg_maxiter, cg_ridge=cg_ridge, cg_tol=cg_tol)
-  return _MODES[mode](loss_in, loss_out, theta, inner, args_out, has_aux_out)
+  extra = {"fd_radius": fd_radius} if mode == "finite_difference" else {}
+  return _MODES[mode](loss_in, loss_out, theta, inner, args_out, has_aux_out, **extra)
 
 
 def _implicit(loss_in, loss_out, theta, inner, args_out, has_aux_out) -> Hypergradient:
@@ -294,16 +400,16 @@ def _implicit(loss_in, loss_out, theta, inner, args_out, has_aux_out) -> Hypergr
   theta_star, vjp, sol = jax.vjp(solve, theta, has_aux=True)
   value, aux_out, v = _value_and_grad(loss_out, has_aux_out)(theta_star, *args_out)
   (g,) = vjp(v)
-  # One HVP checks the linear solve; its primal output is ∇L_in(θ*) for the proximal residual.
-  grad_in, args_in, eta = _grad(loss_in, inner["has_aux"]), inner["args_in"], inner["eta"]
-  grad_star, hvp = jax.jvp(lambda w: grad_in(w, *args_in), (theta_star,), (g,))
+  # One HVP checks the linear solve; with L_in's own Hessian its primal output is ∇L_in(θ*),
+  # for the proximal residual.
+  hessian_loss, args_in, eta = inner["hessian_loss"], inner["args_in"], inner["eta"]
+  grad_hess = _grad(loss_in if hessian_loss is None else hessian_loss, inner["has_aux"])
+  grad_star, hvp = jax.jvp(lambda w: grad_hess(w, *args_in), (theta_star,), (g,))
   residual = otu.tree_sub(_axpy(eta, hvp, _axpy(inner["cg_ridge"], g, g)), v)
-  prox_residual = _axpy(eta, grad_star, otu.tree_sub(theta_star, theta))
-  extra = dict(
-    grad_out_norm=otu.tree_norm(v),
-    cg_residual=otu.tree_norm(residual),
-    inner_residual=otu.tree_norm(prox_residual),
-  )
+  extra = dict(grad_out_norm=otu.tree_norm(v), cg_residual=otu.tree_norm(residual))
+  if hessian_loss is None:
+    prox_residual = _axpy(eta, grad_star, otu.tree_sub(theta_star, theta))
+    extra["inner_residual"] = otu.tree_norm(prox_residual)
   return _result(g, sol, value, aux_out, extra)
 
 
@@ -318,13 +424,16 @@ def _unrolled(loss_in, loss_out, theta, inner, args_out, has_aux_out) -> Hypergr
   return _result(g, sol, value, aux_out, {})
 
 
-def _finite_difference(loss_in, loss_out, theta, inner, args_out, has_aux_out) -> Hypergradient:
+def _finite_difference(
+  loss_in, loss_out, theta, inner, args_out, has_aux_out, fd_radius
+) -> Hypergradient:
   sol = explicit_steps(loss_in, theta, **inner)
   value, aux_out, v = _value_and_grad(loss_out, has_aux_out)(sol.theta_star, *args_out)
   v_norm = otu.tree_norm(v)
   # `v = 0` gives `g = 0`, not 0/0: the difference of two equal gradients is then exactly 0.
-  r = FD_RADIUS_SCALE / jnp.maximum(v_norm, jnp.finfo(v_norm.dtype).tiny)
-  grad_in, args_in = _grad(loss_in, inner["has_aux"]), inner["args_in"]
+  r = fd_radius / jnp.maximum(v_norm, jnp.finfo(v_norm.dtype).tiny)
+  hessian_loss, args_in = inner["hessian_loss"], inner["args_in"]
+  grad_in = _grad(loss_in if hessian_loss is None else hessian_loss, inner["has_aux"])
   diff = otu.tree_sub(grad_in(_axpy(r, v, theta), *args_in), grad_in(_axpy(-r, v, theta), *args_in))
   g = _axpy(-inner["eta"] / (2 * r), diff, v)
   return _result(g, sol, value, aux_out, dict(grad_out_norm=v_norm, fd_radius=r))

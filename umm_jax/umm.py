@@ -15,7 +15,8 @@ heads}`. One outer step on a batch (`make_umm_step`):
    the last-layer pooled features `Z_l` of both views, `[2n, D]` ordered `[view 1; view 2]`, taken
    from the same train-mode pass that gives `L_SSL`, with the `Settings.membership` groups.
 3. `L_in = L_SSL + β·JS`, `L_out = L_SSL − α·ΔR`, and the hyper-gradient
-   `g = dL_out(θ*(θ))/dθ` by `implicit.hypergradient(Settings.hypergrad, ...)`.
+   `g = dL_out(θ*(θ))/dθ` by `implicit.hypergradient(Settings.hypergrad, ...)`, with the curvature
+   of `L_in` ('full') or of `L_SSL` alone ('ssl', `Settings.hessian`, `HESSIANS`).
 4. The outer optimiser moves `θ` by `g`; the look-ahead `θ*` is discarded, unless
    `keep_inner_step`, which applies the outer update to `θ*` instead (the authors' code).
    BatchNorm running statistics of `f_late` and the heads, and the method's queues, are updated
@@ -33,10 +34,9 @@ f_early and f_late, as in pre-training; its `batch_keys` fields reach the object
 its `transform_views` (BCL-I's boosted augmentation) is not applied: UMM's views are the recipe's.
 
 On CPU, two batched LAPACK factorisations in flight at once can deadlock XLA's thread pool (see
-`umm_jax.crr`). The losses therefore evaluate their terms in a fixed order, forward and backward
-(`_after`), and on the CPU backend the JS and ΔR factorisations run one matrix at a time in a
-loop (`volume_chunk`, `group_block` set to 0 resolve to 1 there), which also covers the copies of
-`L_in` that `implicit` evaluates side by side (finite differences, jaxopt's linearisation).
+`umm_jax.crr`). The JS term has none (`density` factorises its small Grams in plain XLA
+operations), so only ΔR calls LAPACK, in one sequential loop over groups, and every ΔR of a step
+is ordered after the last (`_after`, forward and backward).
 
 References: the UMM paper (arXiv 2410.00772), Eq. 8–9 and Table 10; the project's reading is
 `shared/spec/umm-math.md`, section 4.
@@ -44,6 +44,7 @@ References: the UMM paper (arXiv 2410.00772), Eq. 8–9 and Table 10; the projec
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -68,6 +69,11 @@ VARIANT_LABELS = {
 }
 # 'labels' would use class labels during self-supervised fine-tuning; UMM is label-free.
 MEMBERSHIPS = ("soft", "instance")
+# The curvature the hyper-gradient multiplies by: 'full', the Hessian of L_in = L_SSL + β·JS (the
+# paper's); 'ssl', of L_SSL alone (the JS term left out, Gauss–Newton style: θ* still steps on
+# ∇L_in, but its dependence on θ ignores JS's curvature, an O(η·β) change of g; far cheaper, since
+# the JS term's Hessian-vector products differentiate its sketch VJPs twice more).
+HESSIANS = ("full", "ssl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +90,13 @@ class Settings:
   cg_maxiter: int = 10
   cg_ridge: float = 1e-4
   cg_tol: float = 1e-5
+  fd_radius: float = 0.01
+  hessian: str = "full"
   keep_inner_step: bool = False
   volume: str = "sketch"
   num_directions: int = 16
   volume_ridge: float = 1e-6
+  volume_normalize: bool = False
   volume_chunk: int = 0
   membership: str = "soft"
   temperature: float = 0.1
@@ -101,6 +110,7 @@ class Settings:
       ("hyper-gradient mode", self.hypergrad, implicit.HYPERGRADS),
       ("volume estimator", self.volume, density.VOLUME_ESTIMATORS),
       ("membership", self.membership, MEMBERSHIPS),
+      ("Hessian", self.hessian, HESSIANS),
     ]
     for kind, value, valid in checks:
       if value not in valid:
@@ -108,7 +118,15 @@ class Settings:
     for name in ("alpha", "beta", "volume_chunk", "group_block", "volume_ridge", "cg_ridge"):
       if getattr(self, name) < 0:
         raise ValueError(f"umm.{name} must be >= 0, got {getattr(self, name)}")
-    for name in ("inner_steps", "cg_maxiter", "num_directions", "inner_lr", "eps2", "temperature"):
+    for name in (
+      "inner_steps",
+      "cg_maxiter",
+      "num_directions",
+      "inner_lr",
+      "eps2",
+      "temperature",
+      "fd_radius",
+    ):
       if not getattr(self, name) > 0:
         raise ValueError(f"umm.{name} must be > 0, got {getattr(self, name)}")
 
@@ -141,12 +159,10 @@ class Parts(NamedTuple):
 
 
 def make_parts(model, heads, method, hp, settings: Settings) -> Parts:
-  """`Parts` with `volume_chunk`/`group_block` 0 resolved: 1 on CPU, whole batches elsewhere."""
-  cpu = jax.default_backend() == "cpu"
-  chunk = settings.volume_chunk or (1 if cpu else 0)
-  block = settings.group_block or (1 if cpu else crr.DEFAULT_GROUP_BLOCK)
+  """`Parts` with `group_block` 0 resolved to `crr.DEFAULT_GROUP_BLOCK` (`volume_chunk` 0: all)."""
+  block = settings.group_block or crr.DEFAULT_GROUP_BLOCK
   split = resnet.split(model, settings.split)
-  return Parts(model, split, heads, method, dict(hp), settings, chunk, block)
+  return Parts(model, split, heads, method, dict(hp), settings, settings.volume_chunk, block)
 
 
 def _after(tree, scalar: jax.Array):
@@ -171,6 +187,7 @@ def _apply_train(fn, variables: dict, x):
   return fn(variables, x, train=True), variables
 
 
+@jax.named_scope("umm_ssl")  # the profile's parts (benchmarks/step_profile.py)
 def ssl_loss(theta, ctx, parts: Parts, z_split: jax.Array | None = None):
   """`L_SSL(θ)` on the early features of `ctx`; aux: new statistics, queues, metrics, `Z_l`.
 
@@ -209,33 +226,63 @@ def ssl_loss(theta, ctx, parts: Parts, z_split: jax.Array | None = None):
   return loss, aux
 
 
-def js_term(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Array:
-  """`JS(P_e ‖ P_l)` of the batch's `2n` views (density.density_js on `f_late`, inference mode).
+@jax.named_scope("umm_js")  # the profile's parts (benchmarks/step_profile.py)
+def log_volumes(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Array:
+  """Log-volumes `v` `[2n]` of `f_late` (inference mode) at the batch's views, `[view 1; view 2]`.
 
-  `grads` `[2, n, ...]`: `∂L_SSL/∂Z_e` for the 'grad_norm' estimator. The Jacobians of all
-  views are batched; with `parts.volume_chunk` below `2n`, their Grams are factorised
-  `volume_chunk` at a time in a loop (the same values as one batched factorisation).
+  `density.log_volume` with the `Settings.volume` estimator, divided by the number of singular
+  values it sums when `Settings.volume_normalize` (so that its spread, and the scale of JS, do not
+  grow with the number of sketch directions `k`); `grads` `[2, n, ...]`:
+  `∂L_SSL/∂Z_e` for 'grad_norm'. The Jacobians of all views are batched; with
+  `parts.volume_chunk` below `2n`, their Grams are factorised `volume_chunk` at a time in a loop
+  (the same values as one batched factorisation).
   """
   s = parts.settings
   z_e = ctx["early"][s.split]
   z_e = z_e.reshape(-1, *z_e.shape[2:])
-  if s.volume == "grad_norm":
-    return density.density_js(None, z_e, estimator="grad_norm", grads=grads.reshape(z_e.shape))
+  if s.volume == "grad_norm":  # one log-norm a view: nothing to normalise
+    return density.log_volume(None, z_e, estimator="grad_norm", grads=grads.reshape(z_e.shape))
   late_vars = {**ctx["late_rest"], "params": theta["backbone"]}
   f_late = lambda z: parts.split.late(late_vars, z[None], train=False)["embedding"][0]
-  kw = dict(
-    estimator=s.volume,
-    key=jax.random.wrap_key_data(ctx["js_key"]),
-    num_directions=s.num_directions,
-    ridge=s.volume_ridge,
-  )
   if parts.volume_chunk and z_e.shape[0] % parts.volume_chunk:
     raise ValueError(
       f"umm.volume_chunk={parts.volume_chunk} must divide the number of views {z_e.shape[0]}"
     )
-  return density.density_js(f_late, z_e, **kw, chunk=parts.volume_chunk)
+  v = density.log_volume(
+    f_late,
+    z_e,
+    estimator=s.volume,
+    key=jax.random.wrap_key_data(ctx["js_key"]),
+    num_directions=s.num_directions,
+    ridge=s.volume_ridge,
+    chunk=parts.volume_chunk,
+  )
+  if not s.volume_normalize:
+    return v
+  # The mean log singular value: v sums min(k, d_e) of them ('sketch'), min(d_l, d_e) ('exact').
+  d_e, d_l = math.prod(z_e.shape[1:]), late_dim(f_late, z_e)
+  return v / min(s.num_directions if s.volume == "sketch" else d_l, d_e)
 
 
+def late_dim(f_late, z_e: jax.Array) -> int:
+  """`d_l`, the size of `f_late`'s output for one view of `z_e` `[m, ...]` (traced abstractly)."""
+  out = jax.eval_shape(f_late, jax.ShapeDtypeStruct(z_e.shape[1:], z_e.dtype))
+  return math.prod(out.shape)
+
+
+def js_term(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Array:
+  """`JS(P_e ‖ P_l)` of the batch's `2n` views: `density.layer_js` of `log_volumes`."""
+  return density.layer_js(log_volumes(theta, ctx, parts, grads))
+
+
+def volume_metrics(v: jax.Array) -> dict:
+  """How spread the log-volumes `v` `[m]` are: `volume_std` (nats) and `p_l_max` (the largest
+  `P_l = softmax(−v)`; `1/m` when uniform, towards 1 as JS nears its one-hot ceiling)."""
+  v = jax.lax.stop_gradient(v)
+  return {"volume_std": jnp.std(v), "p_l_max": jnp.max(jax.nn.softmax(-v))}
+
+
+@jax.named_scope("umm_delta_r")  # the profile's parts (benchmarks/step_profile.py)
 def rate_term(embedding: jax.Array, parts: Parts) -> jax.Array:
   """`ΔR` of the pooled features `[2, n, D]` of both views, as `[2n, D]` rows `[view 1; view 2]`."""
   s = parts.settings
@@ -245,7 +292,8 @@ def rate_term(embedding: jax.Array, parts: Parts) -> jax.Array:
 
 
 def inner_loss(theta, ctx, parts: Parts):
-  """`L_in = L_SSL + β·JS` (just `L_SSL` when β = 0); aux of `ssl_loss` plus `ssl_loss`, `js`."""
+  """`L_in = L_SSL + β·JS` (just `L_SSL` when β = 0); aux of `ssl_loss` plus `ssl_loss`, and
+  `js` and the log-volumes `v` when β > 0."""
   _, beta = parts.settings.weights
   if beta == 0:
     loss, aux = ssl_loss(theta, ctx, parts)
@@ -254,11 +302,12 @@ def inner_loss(theta, ctx, parts: Parts):
     z_split = ctx["early"][parts.settings.split]
     grad_fn = jax.value_and_grad(lambda z: ssl_loss(theta, ctx, parts, z), has_aux=True)
     (loss, aux), grads = grad_fn(z_split)
-    js = js_term(theta, ctx, parts, grads)
+    v = log_volumes(theta, ctx, parts, grads)
   else:
     loss, aux = ssl_loss(theta, ctx, parts)
-    js = js_term(_after(theta, loss), ctx, parts)
-  return loss + beta * js, {**aux, "ssl_loss": loss, "js": js}
+    v = log_volumes(theta, ctx, parts)
+  js = density.layer_js(v)
+  return loss + beta * js, {**aux, "ssl_loss": loss, "js": js, "log_volume": v}
 
 
 def outer_loss(theta, ctx, parts: Parts) -> jax.Array:
@@ -299,6 +348,8 @@ def hypergradient(theta, ctx, parts: Parts) -> implicit.Hypergradient:
     cg_maxiter=s.cg_maxiter,
     cg_ridge=s.cg_ridge,
     cg_tol=s.cg_tol,
+    fd_radius=s.fd_radius,
+    hessian_loss=functools.partial(ssl_loss, parts=parts) if s.hessian == "ssl" else None,
   )
 
 
@@ -333,7 +384,8 @@ def prepare(state: train.TrainState, batch: dict, key: jax.Array, parts: Parts, 
     if v == 1 and second_view is not None:
       pruned = second_view.apply(early_vars["params"], method_state, parts.hp)
       variables = {**early_vars, "params": pruned}
-    per_view.append(parts.model.apply(variables, view, train=False, stop=at))
+    with jax.named_scope("umm_early"):
+      per_view.append(parts.model.apply(variables, view, train=False, stop=at))
   early = jax.lax.stop_gradient(jax.tree.map(lambda *v: jnp.stack(v), *per_view))
   target, target_vars = None, None
   if state.target is not None:
@@ -364,18 +416,21 @@ def make_views_fn(*, recipe: str, image_size: int, mean: jax.Array, std: jax.Arr
 
 
 def _measured(theta, ctx, parts: Parts, aux: dict, after: jax.Array) -> dict:
-  """`js` and `delta_r` at `θ` for the log: from `aux` when in the loss, else computed aside."""
-  js = aux.get("js")
-  if js is None:
-    theta = _after(theta, after)
-    ctx = {**ctx, "early": _after(ctx["early"], after)}
+  """`js`, `volume_metrics` and `delta_r` at `θ` for the log: from `aux` when in the loss, else
+  computed aside.
+
+  The ΔR waits for `after` (the step's last result), so it never runs beside the loss's ΔR.
+  """
+  v = aux.get("log_volume")
+  if v is None:
     grads = None
     if parts.settings.volume == "grad_norm":
       z_split = ctx["early"][parts.settings.split]
       grads = jax.grad(lambda z: ssl_loss(theta, ctx, parts, z)[0])(z_split)
-    js = js_term(theta, ctx, parts, grads)
-  delta_r = rate_term(_after(aux["embedding"], js), parts)
-  return jax.lax.stop_gradient({"js": js, "delta_r": delta_r})
+    v = log_volumes(theta, ctx, parts, grads)
+  delta_r = rate_term(_after(aux["embedding"], after), parts)
+  measured = {"js": density.layer_js(v), "delta_r": delta_r, **volume_metrics(v)}
+  return jax.lax.stop_gradient(measured)
 
 
 def make_umm_step(
@@ -398,7 +453,8 @@ def make_umm_step(
   `state` is a `train.TrainState` whose `opt_state` is `tx`'s state on `θ` (`init_state`);
   `batch`, `mean`, `std` and `key` as in `train.make_train_step` (the step folds in `state.step`).
   `total_steps` sets the target network's momentum schedule. Metrics: `loss` (`L_SSL` at `θ`),
-  `js` and `delta_r` (at `θ`, also when their weight is 0), `hypergradient`'s metrics
+  `js` and `delta_r` (at `θ`, also when their weight is 0), the log-volumes' `volume_std` and
+  `p_l_max` (`volume_metrics`), `hypergradient`'s metrics
   (`grad_norm`, `loss_in`, `loss_out`, `cg_residual`, ...), the method's and the probe's.
   """
   parts = make_parts(model, heads, method, hp, settings)
@@ -469,15 +525,27 @@ def make_interleaved_step(ssl_step: Callable, umm_step: Callable) -> Callable:
 def make_measure(
   *, model, heads, method, hp, settings: Settings, image_size: int, mean, std
 ) -> Callable[[train.TrainState, dict, jax.Array], dict]:
-  """`(state, batch, key) -> {loss, js, delta_r}` at the state's `θ`, on the views and sketch
-  directions a UMM step at `state.step` would draw; nothing is updated."""
+  """`(state, batch, key) -> {loss, js, delta_r, volume_std, p_l_max, js_grad_share}` at the
+  state's `θ`, on the views and sketch directions a UMM step at `state.step` would draw; nothing
+  is updated. `js_grad_share = ‖β ∇JS‖ / ‖∇L_SSL‖` is how much the JS term moves the inner step
+  (with `settings.beta`, also for 'no_js'); it costs a gradient of each term."""
   parts = make_parts(model, heads, method, hp, settings)
   views_fn = make_views_fn(recipe=method.recipe, image_size=image_size, mean=mean, std=std)
 
   def measure(state, batch, key):
     key = jax.random.fold_in(key, state.step)
     theta, ctx, _ = prepare(state, batch, key, parts, views_fn)
-    loss, aux = ssl_loss(theta, ctx, parts)
-    return {"loss": loss, **_measured(theta, ctx, parts, aux, loss)}
+    (loss, aux), ssl_grad = jax.value_and_grad(ssl_loss, has_aux=True)(theta, ctx, parts)
+
+    def js_of(t):
+      grads = None
+      if settings.volume == "grad_norm":  # the proxy's gradient, live in t (as in inner_loss)
+        grads = jax.grad(lambda z: ssl_loss(t, ctx, parts, z)[0])(ctx["early"][settings.split])
+      return js_term(t, ctx, parts, grads)
+
+    js_grad = jax.grad(js_of)(theta)
+    share = settings.beta * otu.tree_norm(js_grad) / otu.tree_norm(ssl_grad)
+    measured = _measured(theta, ctx, parts, aux, loss)
+    return {"loss": loss, **measured, "js_grad_share": share}
 
   return measure
