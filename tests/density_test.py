@@ -279,6 +279,20 @@ def test_dead_relu_units_match_float64_and_keep_gradients_finite():
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
 
 
+@pytest.mark.parametrize("d_l, d_e", [(3, 8), (8, 3)])
+def test_normalize_divides_by_the_number_of_singular_values(d_l, d_e):
+  a = rng_normal(40, d_l, d_e)
+  z_e = jnp.asarray(rng_normal(41, 4, d_e), jnp.float32)
+  f = lambda z: jnp.asarray(a, jnp.float32) @ z
+  v = density.log_volume(f, z_e, estimator="exact", normalize=True)
+  np.testing.assert_allclose(v, np.full(4, np_half_logdet(a) / min(d_l, d_e)), rtol=1e-5)
+  key = jax.random.key(3)
+  k = min(d_l, 2)
+  u = np.asarray(density.sketch_directions(key, dim=d_l, num_directions=k), np.float64)
+  v = density.log_volume(f, z_e, estimator="sketch", key=key, num_directions=k, normalize=True)
+  np.testing.assert_allclose(v, np.full(4, np_half_logdet(u.T @ a) / min(k, d_e)), rtol=1e-5)
+
+
 def test_ridge_is_relative_to_the_gram_scale():
   # ½ logdet(G + ρ tr(G)/r I) shifts by r · log(s) when J is scaled by s: no absolute floor.
   a = rng_normal(13, 3, 2) @ rng_normal(14, 2, 5)  # [3, 5] of rank 2: J Jᵀ is singular

@@ -239,6 +239,18 @@ def test_volume_metrics_and_normalised_volumes(stage_run):
   np.testing.assert_allclose(
     float(umm.js_term(theta, ctx, normal)), float(density.layer_js(jnp.asarray(v / k))), rtol=1e-5
   )
+  # make_measure's share of the inner gradient, from the two gradients taken here.
+  key = jax.random.key(1)
+  measured = setup.measure(setup.state, setup.batch, key)
+  step_key = jax.random.fold_in(key, setup.state.step)
+  theta, ctx, _ = umm.prepare(setup.state, setup.batch, step_key, setup.parts, setup.views_fn)
+  flat = lambda t: np.concatenate([np.ravel(x) for x in _leaves(t)]).astype(np.float64)
+  js_grad = flat(jax.jit(jax.grad(lambda t: umm.js_term(t, ctx, setup.parts)))(theta))
+  ssl_grad = flat(jax.jit(jax.grad(lambda t: umm.ssl_loss(t, ctx, setup.parts)[0]))(theta))
+  beta = setup.urun.settings.beta
+  expected = beta * np.linalg.norm(js_grad) / np.linalg.norm(ssl_grad)
+  np.testing.assert_allclose(float(measured["js_grad_share"]), expected, rtol=1e-4)
+  assert 0 < expected < 1
 
 
 def test_grad_norm_volume_carries_gradient(stage_run):

@@ -120,19 +120,22 @@ def _gram(a: jax.Array) -> jax.Array:
   return jnp.einsum("...rc,...sc->...rs", a, a, precision=_HIGHEST)
 
 
-def _half_logdet_gram(a: jax.Array, ridge: float, chunk: int = 0) -> jax.Array:
+def _half_logdet_gram(
+  a: jax.Array, ridge: float, chunk: int = 0, normalize: bool = False
+) -> jax.Array:
   """`[m]` values `½ · logdet(G_i + λ_i I)`, `G_i` the smaller Gram of `a` `[m, r, c]`.
 
   `λ_i = ridge · tr(G_i)/s` for the Gram's size `s`; refined once (module docstring). `chunk` in
   `(0, m)` factorises `chunk` Grams at a time in a loop (`lax.map`, forward and backward); it must
-  divide `m`. 0: all at once.
+  divide `m`. 0: all at once. `normalize` divides each value by `s`, the number of log singular
+  values it sums.
   """
   m = a.shape[0]
   if chunk and chunk < m:
     if m % chunk:
       raise ValueError(f"chunk={chunk} must divide the number of views {m}")
     blocks = a.reshape(m // chunk, chunk, *a.shape[1:])
-    return jax.lax.map(lambda b: _half_logdet_gram(b, ridge), blocks).reshape(m)
+    return jax.lax.map(lambda b: _half_logdet_gram(b, ridge, 0, normalize), blocks).reshape(m)
   # Cholesky in bfloat16/float16 is unreliable; float64 is kept for finite-difference checks.
   a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
   if a.shape[1] > a.shape[2]:
@@ -147,11 +150,12 @@ def _half_logdet_gram(a: jax.Array, ridge: float, chunk: int = 0) -> jax.Array:
   near_identity = _gram(xa) + (lam * _gram(x) if ridge else 0.0)
   log_diag = lambda t: jnp.sum(jnp.log(jnp.abs(jnp.diagonal(t, axis1=-2, axis2=-1))), axis=-1)
   # ½ · logdet(K) = Σ log diag(L) for K = L Lᵀ; minus logdet(X) = Σ log |diag X|.
-  return log_diag(_cholesky(near_identity)) - log_diag(x)
+  half_logdet = log_diag(_cholesky(near_identity)) - log_diag(x)
+  return half_logdet / size if normalize else half_logdet
 
 
 def exact_log_volume(
-  f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0, chunk: int = 0
+  f_late: LateMap, z_e: jax.Array, *, ridge: float = 0.0, chunk: int = 0, normalize: bool = False
 ) -> jax.Array:
   """Log-volume `v` `[m]` of `f_late` at each view of `z_e` `[m, ...]`, from full Jacobians.
 
@@ -163,6 +167,8 @@ def exact_log_volume(
     z_e: early features `[m, ...]`, one view per row.
     ridge: relative ridge, `ridge · tr(G)/r` added to the Gram's diagonal (module docstring).
     chunk: Grams factorised at a time, to bound memory (0: all at once).
+    normalize: divide `v_i` by the number of log singular values it sums (the Gram's size), so
+      that its scale does not grow with `d_l` or `k`.
 
   Returns:
     `v` `[m]`, float32 (float64 for float64 Jacobians).
@@ -174,7 +180,7 @@ def exact_log_volume(
     jac = jax.jacrev(f)(z)  # [d_l, *z.shape]
     return jac.reshape(jac.shape[0], -1)
 
-  return _half_logdet_gram(jax.vmap(jacobian)(z_e), ridge, chunk)
+  return _half_logdet_gram(jax.vmap(jacobian)(z_e), ridge, chunk, normalize)
 
 
 def sketch_directions(key: jax.Array, *, dim: int, num_directions: int) -> jax.Array:
@@ -196,6 +202,7 @@ def sketch_log_volume(
   num_directions: int = DEFAULT_NUM_DIRECTIONS,
   ridge: float = 0.0,
   chunk: int = 0,
+  normalize: bool = False,
 ) -> jax.Array:
   """Sketched log-volume `v` `[m]` of `f_late` at each view of `z_e` `[m, ...]`.
 
@@ -210,6 +217,8 @@ def sketch_log_volume(
     num_directions: `k`, in `[1, d_l]`; static under `jit`.
     ridge: relative ridge, `ridge · tr(G)/r` added to the Gram's diagonal (module docstring).
     chunk: Grams factorised at a time, to bound memory (0: all at once).
+    normalize: divide `v_i` by the number of log singular values it sums (the Gram's size), so
+      that its scale does not grow with `d_l` or `k`.
 
   Returns:
     `v` `[m]`, float32 (float64 for float64 VJPs).
@@ -231,7 +240,7 @@ def sketch_log_volume(
     (rows,) = jax.vmap(pullback)(cotangents)  # [k, *z.shape] = Uᵀ J
     return rows.reshape(num_directions, -1)
 
-  return _half_logdet_gram(jax.vmap(projected_jacobian)(z_e), ridge, chunk)
+  return _half_logdet_gram(jax.vmap(projected_jacobian)(z_e), ridge, chunk, normalize)
 
 
 def grad_norm_log_volume(grads: jax.Array) -> jax.Array:
@@ -262,6 +271,7 @@ def log_volume(
   grads: jax.Array | None = None,
   ridge: float = 0.0,
   chunk: int = 0,
+  normalize: bool = False,
 ) -> jax.Array:
   """Log-volume `v` `[m]` of `f_late` at the views of `z_e` `[m, ...]` by a named estimator.
 
@@ -275,6 +285,7 @@ def log_volume(
     grads: `∂L_SSL/∂z_e` `[m, ...]` (the shape of `z_e`), for 'grad_norm'.
     ridge: relative Gram ridge for 'exact' and 'sketch'.
     chunk: Grams factorised at a time for 'exact' and 'sketch' (0: all at once).
+    normalize: for 'exact' and 'sketch', `v` per log singular value (see `exact_log_volume`).
 
   Returns:
     `v` `[m]`; the late density of view `i` is proportional to `exp(−v_i)`.
@@ -284,12 +295,18 @@ def log_volume(
       f"Unknown volume estimator {estimator!r}; valid estimators: {', '.join(VOLUME_ESTIMATORS)}"
     )
   if estimator == "exact":
-    return exact_log_volume(f_late, z_e, ridge=ridge, chunk=chunk)
+    return exact_log_volume(f_late, z_e, ridge=ridge, chunk=chunk, normalize=normalize)
   if estimator == "sketch":
     if key is None:
       raise ValueError("volume estimator 'sketch' needs a PRNG key")
     return sketch_log_volume(
-      f_late, z_e, key=key, num_directions=num_directions, ridge=ridge, chunk=chunk
+      f_late,
+      z_e,
+      key=key,
+      num_directions=num_directions,
+      ridge=ridge,
+      chunk=chunk,
+      normalize=normalize,
     )
   if grads is None or grads.shape != z_e.shape:
     raise ValueError(
@@ -353,6 +370,7 @@ def density_js(
   grads: jax.Array | None = None,
   ridge: float = 0.0,
   chunk: int = 0,
+  normalize: bool = False,
 ) -> jax.Array:
   """`JS(P_e ‖ P_l)` of a batch: `layer_js(log_volume(f_late, z_e, estimator=..., ...))`.
 
@@ -379,5 +397,6 @@ def density_js(
     grads=grads,
     ridge=ridge,
     chunk=chunk,
+    normalize=normalize,
   )
   return layer_js(v)

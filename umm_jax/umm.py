@@ -44,7 +44,6 @@ References: the UMM paper (arXiv 2410.00772), Eq. 8–9 and Table 10; the projec
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -248,7 +247,7 @@ def log_volumes(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax
     raise ValueError(
       f"umm.volume_chunk={parts.volume_chunk} must divide the number of views {z_e.shape[0]}"
     )
-  v = density.log_volume(
+  return density.log_volume(
     f_late,
     z_e,
     estimator=s.volume,
@@ -256,18 +255,8 @@ def log_volumes(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax
     num_directions=s.num_directions,
     ridge=s.volume_ridge,
     chunk=parts.volume_chunk,
+    normalize=s.volume_normalize,
   )
-  if not s.volume_normalize:
-    return v
-  # The mean log singular value: v sums min(k, d_e) of them ('sketch'), min(d_l, d_e) ('exact').
-  d_e, d_l = math.prod(z_e.shape[1:]), late_dim(f_late, z_e)
-  return v / min(s.num_directions if s.volume == "sketch" else d_l, d_e)
-
-
-def late_dim(f_late, z_e: jax.Array) -> int:
-  """`d_l`, the size of `f_late`'s output for one view of `z_e` `[m, ...]` (traced abstractly)."""
-  out = jax.eval_shape(f_late, jax.ShapeDtypeStruct(z_e.shape[1:], z_e.dtype))
-  return math.prod(out.shape)
 
 
 def js_term(theta, ctx, parts: Parts, grads: jax.Array | None = None) -> jax.Array:
@@ -415,6 +404,16 @@ def make_views_fn(*, recipe: str, image_size: int, mean: jax.Array, std: jax.Arr
   return views_fn
 
 
+def _volumes_aside(theta, ctx, parts: Parts) -> jax.Array:
+  """`log_volumes` at `θ` outside `L_in`, the 'grad_norm' proxy's gradient computed here (live in
+  `θ`, as in `inner_loss`)."""
+  grads = None
+  if parts.settings.volume == "grad_norm":
+    z_split = ctx["early"][parts.settings.split]
+    grads = jax.grad(lambda z: ssl_loss(theta, ctx, parts, z)[0])(z_split)
+  return log_volumes(theta, ctx, parts, grads)
+
+
 def _measured(theta, ctx, parts: Parts, aux: dict, after: jax.Array) -> dict:
   """`js`, `volume_metrics` and `delta_r` at `θ` for the log: from `aux` when in the loss, else
   computed aside.
@@ -423,11 +422,7 @@ def _measured(theta, ctx, parts: Parts, aux: dict, after: jax.Array) -> dict:
   """
   v = aux.get("log_volume")
   if v is None:
-    grads = None
-    if parts.settings.volume == "grad_norm":
-      z_split = ctx["early"][parts.settings.split]
-      grads = jax.grad(lambda z: ssl_loss(theta, ctx, parts, z)[0])(z_split)
-    v = log_volumes(theta, ctx, parts, grads)
+    v = _volumes_aside(theta, ctx, parts)
   delta_r = rate_term(_after(aux["embedding"], after), parts)
   measured = {"js": density.layer_js(v), "delta_r": delta_r, **volume_metrics(v)}
   return jax.lax.stop_gradient(measured)
@@ -538,14 +533,12 @@ def make_measure(
     (loss, aux), ssl_grad = jax.value_and_grad(ssl_loss, has_aux=True)(theta, ctx, parts)
 
     def js_of(t):
-      grads = None
-      if settings.volume == "grad_norm":  # the proxy's gradient, live in t (as in inner_loss)
-        grads = jax.grad(lambda z: ssl_loss(t, ctx, parts, z)[0])(ctx["early"][settings.split])
-      return js_term(t, ctx, parts, grads)
+      v = _volumes_aside(t, ctx, parts)
+      return density.layer_js(v), v
 
-    js_grad = jax.grad(js_of)(theta)
+    (_, v), js_grad = jax.value_and_grad(js_of, has_aux=True)(theta)
     share = settings.beta * otu.tree_norm(js_grad) / otu.tree_norm(ssl_grad)
-    measured = _measured(theta, ctx, parts, aux, loss)
+    measured = _measured(theta, ctx, parts, {**aux, "log_volume": v}, loss)
     return {"loss": loss, **measured, "js_grad_share": share}
 
   return measure
